@@ -1,0 +1,34 @@
+# Two commands: `make serve` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first, pinned: pip finds this CPU wheel locally; a bare `torch` would pull CUDA.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[worker,dev]"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/lowering-service
+
+lint: $(STAMP)
+	$(BIN)/ruff check app tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy app
+
+test: lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_lowering.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,79 @@
+"""Liveness, readiness and what this service offers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from anyio import to_thread
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from app import __version__
+from app.api.deps import ExecutorDep, SettingsDep, StoreDep
+from app.constants import PHASES
+from app.options import ALLOWED_OPTIONS
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up and answering."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(settings: SettingsDep, store: StoreDep, executor: ExecutorDep) -> JSONResponse:
+    """Ready when a worker has started, the database answers and the data dir is writable."""
+    checks = await to_thread.run_sync(_checks, settings, store)
+    checks["workers"] = "ok" if executor.ready else (executor.probe_error or "starting")
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+def _checks(settings: Any, store: Any) -> dict[str, str]:
+    checks = {}
+    try:
+        with store.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    probe = settings.data_dir / f".ready-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        checks["data_dir"] = "ok"
+    except OSError as exc:
+        checks["data_dir"] = f"error: {exc.strerror}"
+    return checks
+
+
+@router.get("/v1/info")
+async def info(settings: SettingsDep, executor: ExecutorDep) -> dict[str, Any]:
+    """Versions, devices, workers, limits and the allowed AOTInductor options."""
+    toolchain = executor.toolchain or {}
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(int(toolchain.get("cuda_devices") or 0))]
+    return {
+        "service": {"name": "lowering-service", "version": __version__},
+        "torch_version": toolchain.get("torch_version"),
+        "toolchain": toolchain or None,
+        "devices": devices,
+        "executor": executor.info(),
+        "limits": {
+            "max_upload_bytes": settings.max_upload_bytes,
+            "job_timeout_s": settings.job_timeout_s,
+            "max_wait_s": settings.max_wait_s,
+        },
+        "verification": {
+            "default_rtol": settings.verify_rtol, "default_atol": settings.verify_atol,
+        },
+        "phases": list(PHASES),
+        "options": {key: spec.describe() for key, spec in ALLOWED_OPTIONS.items()},
+        "preload_modules": settings.preload_modules,
+        "pid": os.getpid(),
+    }

@@ -1,0 +1,213 @@
+"""/v1/lowerings: submit, inspect, download, cancel, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Annotated, Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+
+from app.api.deps import ArtifactsDep, ExecutorDep, SettingsDep, StoreDep
+from app.api.submit import parse_params
+from app.constants import JobStatus
+from app.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from app.jobs.store import Job, JobStore
+from app.schemas import ErrorBody, LoweringPublic, LoweringsPublic
+from app.storage.uploads import receive_form
+from app.validation.archive import check_program_archive
+
+router = APIRouter(prefix="/v1/lowerings", tags=["lowerings"])
+MULTIPART_OVERHEAD_BYTES = 1 << 20
+POLL_S = 0.2
+
+_FORM_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["program", "model_name"],
+            "properties": {
+                "program": {"type": "string", "format": "binary",
+                            "description": ".pt2 file written by torch.export.save"},
+                "model_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"},
+                "backend_id": {"type": "string", "default": "aoti"},
+                "device": {"type": "string", "default": "cpu", "description": "cpu|cuda|cuda:N"},
+                "options": {"type": "string", "description": "JSON object; see /v1/info"},
+                "verify": {"type": "boolean", "default": True},
+                "rtol": {"type": "number"},
+                "atol": {"type": "number"},
+            },
+        }}},
+    },
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 404, 409, 413, 415, 422)
+}
+
+
+def _public(job: Job) -> dict[str, Any]:
+    return LoweringPublic.from_job(job).model_dump(mode="json")
+
+
+async def _get_or_404(store: JobStore, job_id: str) -> Job:
+    job = await to_thread.run_sync(store.get, job_id)
+    if job is None:
+        raise NotFound(f"no lowering with id {job_id!r}")
+    return job
+
+
+@router.post("", status_code=202, response_model=LoweringPublic, openapi_extra=_FORM_SCHEMA,
+             responses=_ERRORS)
+async def create_lowering(
+    request: Request, settings: SettingsDep, store: StoreDep, executor: ExecutorDep,
+    artifacts: ArtifactsDep,
+    wait: Annotated[float | None, Query(ge=0, description="seconds to hold the request")] = None,
+) -> Response:
+    """Upload a program and queue its lowering; with ?wait, answer with the archive."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > (
+        settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    ):
+        raise PayloadTooLarge(f"upload exceeds the limit of {settings.max_upload_bytes} bytes "
+                              "(LOWERING_MAX_UPLOAD_BYTES)")
+    started = time.monotonic()
+    form = await receive_form(request.stream(), request.headers.get("content-type"),
+                              dest_dir=settings.uploads_dir,
+                              max_file_bytes=settings.max_upload_bytes)
+    try:
+        cuda = executor.toolchain.get("cuda_devices", 0) if executor.toolchain else None
+        params = parse_params(form.fields, settings=settings, cuda_devices=cuda)
+        if form.file_path is None:
+            raise BadRequest("form field 'program' (the .pt2 file) is required",
+                             code="missing_field")
+        await to_thread.run_sync(check_program_archive, form.file_path)
+        job_id = uuid.uuid4().hex
+        os.replace(form.file_path, settings.uploads_dir / f"{job_id}.pt2")
+    except BaseException:
+        form.discard()
+        raise
+    job = await to_thread.run_sync(lambda: store.create(
+        id=job_id, input_sha256=form.sha256, input_size_bytes=form.size_bytes,
+        timings={"validate": round(time.monotonic() - started, 4)}, **params.as_fields(),
+    ))
+    executor.submit(job_id)
+    if wait is not None:
+        job = await _wait_final(store, job_id, min(wait, settings.max_wait_s))
+        if job["status"] == JobStatus.SUCCEEDED.value:
+            return _artifact_response(job, artifacts, request)
+        if job["status"] in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+            return JSONResponse(_public(job), status_code=422)
+    return JSONResponse(_public(job), status_code=202,
+                        headers={"Location": f"/v1/lowerings/{job_id}"})
+
+
+async def _wait_final(store: JobStore, job_id: str, wait_s: float) -> Job:
+    deadline = time.monotonic() + wait_s
+    while True:
+        job = await _get_or_404(store, job_id)
+        if JobStatus(job["status"]).is_final or time.monotonic() >= deadline:
+            return job
+        await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+@router.get("", response_model=LoweringsPublic, responses=_ERRORS)
+async def list_lowerings(
+    store: StoreDep,
+    status: JobStatus | None = None,
+    model_name: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=20)] = None,
+) -> dict[str, Any]:
+    """Jobs, newest first, paged by cursor."""
+    before = None
+    if cursor:
+        if not cursor.isdigit():
+            raise BadRequest("cursor is not valid; pass next_cursor from the previous page",
+                             code="invalid_cursor")
+        before = int(cursor)
+    rows = await to_thread.run_sync(lambda: store.list_page(
+        status=status.value if status else None, model_name=model_name, limit=limit + 1,
+        before_seq=before))
+    next_cursor = str(rows[limit - 1]["seq"]) if len(rows) > limit else None
+    return {"items": [_public(job) for job in rows[:limit]], "next_cursor": next_cursor}
+
+
+@router.get("/{job_id}", response_model=LoweringPublic, responses=_ERRORS)
+async def get_lowering(job_id: str, store: StoreDep) -> dict[str, Any]:
+    """One job: status, phase, timings, verification, error."""
+    return _public(await _get_or_404(store, job_id))
+
+
+@router.get("/{job_id}/artifact", response_class=FileResponse, responses=_ERRORS)
+async def get_artifact(
+    job_id: str, request: Request, store: StoreDep, artifacts: ArtifactsDep
+) -> Response:
+    """The packaged pt2 archive (Range and If-None-Match supported)."""
+    job = await _get_or_404(store, job_id)
+    if job["status"] != JobStatus.SUCCEEDED.value:
+        raise Conflict(f"lowering {job_id} is {job['status']}; the artifact exists once it "
+                       "has succeeded", code="artifact_not_ready")
+    return _artifact_response(job, artifacts, request)
+
+
+def _artifact_response(job: Job, artifacts: Any, request: Request) -> Response:
+    etag = f'"{job["artifact_sha256"]}"'
+    headers = {"ETag": etag, "X-Lowering-Id": job["id"], "Cache-Control": "private, max-age=0"}
+    if request.method == "GET" and etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    path = artifacts.path_for(job["artifact_sha256"])
+    if not path.is_file():
+        raise NotFound(f"the artifact of lowering {job['id']} is missing from storage",
+                       code="artifact_missing")
+    return FileResponse(path, media_type="application/zip", headers=headers,
+                        filename=f"{job['model_name']}-{job['backend_id']}.pt2")
+
+
+@router.get("/{job_id}/log", response_class=PlainTextResponse, responses=_ERRORS)
+async def get_log(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
+    """The worker's log of this job (empty until a worker starts it)."""
+    await _get_or_404(store, job_id)
+    path = settings.logs_dir / f"{job_id}.log"
+    if not path.is_file():
+        return PlainTextResponse("")
+    return FileResponse(path, media_type="text/plain; charset=utf-8")
+
+
+@router.post("/{job_id}/cancel", response_model=LoweringPublic, responses=_ERRORS)
+async def cancel_lowering(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[str, Any]:
+    """Cancel a queued or running job; a running job's worker is killed and replaced."""
+    job = await _get_or_404(store, job_id)
+    moved = await to_thread.run_sync(lambda: store.transition(
+        job_id, from_=[JobStatus.QUEUED, JobStatus.RUNNING], to=JobStatus.CANCELLED))
+    if not moved:
+        raise Conflict(f"lowering {job_id} is {job['status']} and can no longer be cancelled",
+                       code="not_cancellable")
+    executor.cancel(job_id)
+    return _public(await _get_or_404(store, job_id))
+
+
+@router.delete("/{job_id}", status_code=204, responses=_ERRORS)
+async def delete_lowering(
+    job_id: str, store: StoreDep, settings: SettingsDep, artifacts: ArtifactsDep
+) -> Response:
+    """Remove a finished job's record, upload, log and (if unshared) artifact."""
+    job = await _get_or_404(store, job_id)
+    if not JobStatus(job["status"]).is_final:
+        raise Conflict(f"lowering {job_id} is {job['status']}; cancel it before deleting",
+                       code="job_active")
+
+    def _remove() -> None:
+        store.delete(job_id)
+        (settings.uploads_dir / f"{job_id}.pt2").unlink(missing_ok=True)
+        (settings.logs_dir / f"{job_id}.log").unlink(missing_ok=True)
+        sha = job["artifact_sha256"]
+        if sha and store.count_artifact_refs(sha256=sha) == 0:
+            artifacts.remove(sha)
+
+    await to_thread.run_sync(_remove)
+    return Response(status_code=204)

@@ -1,0 +1,239 @@
+"""lowerctl: submit torch.export programs to the lowering service and fetch the results.
+
+Exit codes:
+  0  success
+  1  the job failed or was cancelled (or was still running when --timeout ran out)
+  2  usage or API error (the server's message is printed)
+  3  the service cannot be reached
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.live import Live
+from rich.spinner import Spinner
+from rich.text import Text
+
+from app.client.exceptions import ChecksumMismatch, LoweringAPIError
+from app.client.sdk import Job, LoweringClient
+from app.constants import JobStatus
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_ERROR, EXIT_UNREACHABLE = 0, 1, 2, 3
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        # Not JSON (e.g. max-autotune): pass it on as the plain string the user typed.
+        return key, raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; built per call so LOWERING_URL is read when lowerctl runs."""
+    parser = argparse.ArgumentParser(prog="lowerctl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=os.environ.get("LOWERING_URL", DEFAULT_URL),
+                        help="service URL (default: $LOWERING_URL or %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    waiting = argparse.ArgumentParser(add_help=False)
+    waiting.add_argument("--timeout", type=float, default=None, metavar="S",
+                         help="give up waiting after S seconds (exit 1)")
+    waiting.add_argument("--poll", type=float, default=0.5, metavar="S",
+                         help="seconds between status polls (default %(default)s)")
+
+    submit = commands.add_parser("submit", parents=[waiting], help="upload a .pt2 program")
+    submit.add_argument("file", type=Path, metavar="FILE")
+    submit.add_argument("--model-name", required=True)
+    submit.add_argument("--backend-id", default="aoti")
+    submit.add_argument("--device", default="cpu")
+    submit.add_argument("--option", dest="options", type=_option, action="append", default=[],
+                        metavar="KEY=VALUE", help="backend option; VALUE is JSON if it parses")
+    submit.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip comparing the lowered program against the eager one")
+    submit.add_argument("--rtol", type=float)
+    submit.add_argument("--atol", type=float)
+    submit.add_argument("--wait", action="store_true", help="wait until the job ends")
+    submit.add_argument("-o", "--output", type=Path, metavar="OUT",
+                        help="download the artifact here once it succeeds (implies --wait)")
+
+    for name, text in (("status", "show a job"), ("cancel", "cancel a job"),
+                       ("log", "print a job's worker log")):
+        commands.add_parser(name, help=text).add_argument("job_id", metavar="ID")
+    wait = commands.add_parser("wait", parents=[waiting], help="wait until a job ends")
+    wait.add_argument("job_id", metavar="ID")
+    download = commands.add_parser("download", help="download a job's artifact")
+    download.add_argument("job_id", metavar="ID")
+    download.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
+
+    listing = commands.add_parser("list", help="list jobs, newest first")
+    listing.add_argument("--status", choices=[status.value for status in JobStatus])
+    listing.add_argument("--model-name")
+    listing.add_argument("--limit", type=int)
+    listing.add_argument("--cursor", help="continue from an earlier page's next cursor")
+    return parser
+
+
+class _Progress:
+    """The live status line. Rich re-renders it on its own clock, so elapsed time
+    keeps ticking between polls."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job: Job = {"id": job_id}
+        self.started = time.monotonic()
+        self.spinner = Spinner("dots")
+
+    def update(self, job: Job) -> None:
+        self.job = job
+
+    def __rich__(self) -> Spinner:
+        self.spinner.text = Text.assemble(
+            (f"{self.job['id']}  ", "dim"),
+            (str(self.job.get("status", "submitting")), "bold"),
+            f"  phase {self.job.get('phase') or '-'}",
+            f"  {time.monotonic() - self.started:5.1f}s",
+        )
+        return self.spinner
+
+
+def _say(err: Console, message: str, style: str | None = None) -> None:
+    # markup/highlight off: server messages may contain "[...]" that rich would eat.
+    err.print(message, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_job(job: Job) -> None:
+    print(json.dumps(job, indent=2))
+
+
+def _wait(client: LoweringClient, job_id: str, args: argparse.Namespace, err: Console) -> Job:
+    progress = _Progress(job_id)
+    with Live(progress, console=err, refresh_per_second=8, transient=True):
+        job = client.wait(job_id, timeout_s=args.timeout, poll_s=args.poll,
+                          on_update=progress.update)
+    _say(err, f"job {job_id} {job['status']} after {time.monotonic() - progress.started:.1f}s")
+    return job
+
+
+def _verdict(job: Job, err: Console) -> int:
+    """Print the final job; exit 1 unless it succeeded."""
+    _print_job(job)
+    if job.get("status") == JobStatus.SUCCEEDED.value:
+        return EXIT_OK
+    error = job.get("error") or {}
+    _say(err, f"job {job.get('id')} {job.get('status')}: "
+         f"{error.get('code', 'unknown')}: {error.get('message', '')}", "red")
+    return EXIT_JOB_FAILED
+
+
+def _submit(client: LoweringClient, args: argparse.Namespace, err: Console) -> int:
+    job = client.submit(args.file, model_name=args.model_name, backend_id=args.backend_id,
+                        device=args.device, options=dict(args.options), verify=args.verify,
+                        rtol=args.rtol, atol=args.atol)
+    if not (args.wait or args.output):
+        _print_job(job)
+        return EXIT_OK
+    job = _wait(client, job["id"], args, err)
+    if job.get("status") == JobStatus.SUCCEEDED.value and args.output is not None:
+        _say(err, f"saved {client.download(job['id'], args.output)}")
+    return _verdict(job, err)
+
+
+def _status(client: LoweringClient, args: argparse.Namespace, err: Console) -> int:
+    _print_job(client.get(args.job_id))
+    return EXIT_OK
+
+
+def _wait_cmd(client: LoweringClient, args: argparse.Namespace, err: Console) -> int:
+    return _verdict(_wait(client, args.job_id, args, err), err)
+
+
+def _download(client: LoweringClient, args: argparse.Namespace, err: Console) -> int:
+    print(client.download(args.job_id, args.output))
+    return EXIT_OK
+
+
+def _cancel(client: LoweringClient, args: argparse.Namespace, err: Console) -> int:
+    _print_job(client.cancel(args.job_id))
+    return EXIT_OK
+
+
+def _log(client: LoweringClient, args: argparse.Namespace, err: Console) -> int:
+    sys.stdout.write(client.log(args.job_id))
+    return EXIT_OK
+
+
+def _list(client: LoweringClient, args: argparse.Namespace, err: Console) -> int:
+    page = client.list(status=args.status, model_name=args.model_name, limit=args.limit,
+                       cursor=args.cursor)
+    header = ("ID", "STATUS", "PHASE", "MODEL", "BACKEND", "DEVICE", "CREATED")
+    rows = [header] + [
+        tuple(str(job.get(key) or "-") for key in
+              ("id", "status", "phase", "model_name", "backend_id", "device", "created_at"))
+        for job in page.get("items", [])
+    ]
+    # Plain aligned columns rather than a rich table: stays whole and greppable when piped.
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if page.get("next_cursor"):
+        _say(err, f"more: lowerctl list --cursor {page['next_cursor']}", "dim")
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[LoweringClient, argparse.Namespace, Console], int]] = {
+    "submit": _submit, "status": _status, "wait": _wait_cmd, "download": _download,
+    "list": _list, "cancel": _cancel, "log": _log,
+}
+
+
+def main(argv: Sequence[str] | None = None, *, transport: httpx.BaseTransport | None = None) -> int:
+    """Run lowerctl and return its exit code.
+
+    :param argv: arguments without the program name (default: ``sys.argv[1:]``).
+    :param transport: httpx transport for the client; tests pass ``httpx.MockTransport``.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    err = Console(stderr=True)
+    try:
+        with LoweringClient(args.url, transport=transport) as client:
+            return _COMMANDS[args.command](client, args, err)
+    except LoweringAPIError as exc:
+        _say(err, f"error: {exc.message} (HTTP {exc.status}, {exc.code})", "red")
+        return EXIT_ERROR
+    except ChecksumMismatch as exc:
+        _say(err, f"error: {exc}; nothing was saved", "red")
+        return EXIT_ERROR
+    except httpx.TransportError as exc:
+        _say(err, f"error: cannot reach {args.url}: {str(exc) or type(exc).__name__}", "red")
+        return EXIT_UNREACHABLE
+    except TimeoutError as exc:  # before OSError: TimeoutError is one
+        _say(err, f"error: {exc}", "red")
+        return EXIT_JOB_FAILED
+    except OSError as exc:
+        detail = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
+        _say(err, f"error: {detail}", "red")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _say(err, "interrupted (a submitted job keeps running on the server)")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

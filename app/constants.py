@@ -1,0 +1,46 @@
+"""Literals shared by the API, the store and the workers."""
+
+from __future__ import annotations
+
+import enum
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+DEVICE_PATTERN = r"^(cpu|cuda|cuda:[0-9]{1,2})$"
+PHASES = ("validate", "load", "lower", "package", "verify")
+CHUNK_BYTES = 1 << 20
+
+
+class JobStatus(enum.StrEnum):
+    """Where a lowering job is; the last three are final."""
+
+    QUEUED = "queued"
+    """Recorded and handed to the executor; no worker has started it."""
+    RUNNING = "running"
+    """A worker has taken it; ``phase`` says which step it is in."""
+    SUCCEEDED = "succeeded"
+    """The artifact is stored (and verified unless verify=false)."""
+    FAILED = "failed"
+    """It ended with an error; ``error`` says why."""
+    CANCELLED = "cancelled"
+    """A caller cancelled it; a running worker was killed and replaced."""
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class ErrorCode(enum.StrEnum):
+    """Codes a failed job can carry in ``error.code``."""
+
+    INVALID_PROGRAM = "invalid_program"
+    UNKNOWN_PYTREE_TYPE = "unknown_pytree_type"
+    LOWERING_FAILED = "lowering_failed"
+    VERIFICATION_FAILED = "verification_failed"
+    TIMEOUT = "timeout"
+    WORKER_CRASHED = "worker_crashed"
+    INTERRUPTED = "interrupted"
+    STORAGE_FULL = "storage_full"
+    INTERNAL = "internal_error"

@@ -1,0 +1,86 @@
+"""Errors, each carrying the HTTP status it maps to.
+
+ServiceError (500)            anything we did not foresee; the body says nothing internal
+ ├── BadRequest (400)         malformed request: missing field, bad JSON, bad query value
+ ├── NotFound (404)           unknown lowering id
+ ├── Conflict (409)           a status transition that is not allowed
+ ├── PayloadTooLarge (413)    upload over LOWERING_MAX_UPLOAD_BYTES
+ ├── UnsupportedMediaType (415) not multipart, or an upload that is not a zip
+ ├── Unprocessable (422)      well-formed but unacceptable: pattern, device, option
+ ├── PreconditionFailed (412) artifact bytes no longer match their sha256
+ └── NotReady (503)           the worker pool is not up yet
+
+JobError is not an HTTP error: it is a failed job's (code, message, detail), raised
+inside a worker and stored on the job record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base class; ``status`` and ``code`` are read by the exception handler."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.extra = extra
+
+
+class BadRequest(ServiceError):
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    status = 409
+    code = "conflict"
+
+
+class PreconditionFailed(ServiceError):
+    status = 412
+    code = "artifact_corrupt"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "upload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Unprocessable(ServiceError):
+    status = 422
+    code = "invalid_parameter"
+
+
+class NotReady(ServiceError):
+    status = 503
+    code = "not_ready"
+
+
+class JobError(Exception):
+    """A job's failure as data: ``code`` is one of constants.ErrorCode."""
+
+    def __init__(self, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.detail = detail or {}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "detail": self.detail}

@@ -1,0 +1,51 @@
+"""The job table. Portable SQL (SQLite now, PostgreSQL later): no dialect-only types."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+)
+
+metadata = MetaData()
+
+lowerings = Table(
+    "lowerings",
+    metadata,
+    # seq orders the list and backs the paging cursor; id is the public handle.
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(32), nullable=False, unique=True),
+    Column("status", String(16), nullable=False),
+    Column("phase", String(16)),
+    Column("model_name", String(128), nullable=False),
+    Column("backend_id", String(128), nullable=False),
+    Column("device", String(16), nullable=False),
+    Column("options", JSON, nullable=False),
+    Column("verify", Boolean, nullable=False),
+    Column("rtol", Float, nullable=False),
+    Column("atol", Float, nullable=False),
+    Column("input_sha256", String(64), nullable=False),
+    Column("input_size_bytes", BigInteger, nullable=False),
+    Column("artifact_sha256", String(64)),
+    Column("artifact_size_bytes", BigInteger),
+    Column("verification", JSON),
+    Column("error", JSON),
+    Column("timings", JSON, nullable=False),
+    Column("toolchain", JSON),
+    Column("worker_pid", Integer),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Index("ix_lowerings_status_seq", "status", "seq"),
+    Index("ix_lowerings_model_seq", "model_name", "seq"),
+)

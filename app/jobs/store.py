@@ -1,0 +1,145 @@
+"""Job records. Every status change is a guarded UPDATE, so two actors never both move a job."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, insert, select, update
+from sqlalchemy import delete as sql_delete
+
+from app.constants import JobStatus
+from app.jobs.models import lowerings, metadata
+
+Job = dict[str, Any]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL and a long busy timeout (workers write too)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class JobStore:
+    """Reads and writes job rows.
+
+    :param url: SQLAlchemy database URL.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def create(self, **fields: Any) -> Job:
+        row = {
+            "id": uuid.uuid4().hex,
+            "status": JobStatus.QUEUED.value,
+            "timings": {},
+            "attempts": 0,
+            "created_at": utcnow(),
+            **fields,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(insert(lowerings).values(**row))
+        job = self.get(row["id"])
+        assert job is not None
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(lowerings).where(lowerings.c.id == job_id)).first()
+        return _as_job(row._mapping) if row is not None else None
+
+    def list_page(
+        self,
+        *,
+        status: str | None = None,
+        model_name: str | None = None,
+        limit: int = 50,
+        before_seq: int | None = None,
+    ) -> list[Job]:
+        """Newest first; ``before_seq`` is the paging cursor."""
+        query = select(lowerings).order_by(lowerings.c.seq.desc()).limit(limit)
+        if status is not None:
+            query = query.where(lowerings.c.status == status)
+        if model_name is not None:
+            query = query.where(lowerings.c.model_name == model_name)
+        if before_seq is not None:
+            query = query.where(lowerings.c.seq < before_seq)
+        with self.engine.connect() as conn:
+            return [_as_job(row._mapping) for row in conn.execute(query)]
+
+    def ids_with_status(self, *, statuses: Iterable[JobStatus]) -> list[str]:
+        values = [s.value for s in statuses]
+        query = select(lowerings.c.id).where(lowerings.c.status.in_(values))
+        with self.engine.connect() as conn:
+            return [row[0] for row in conn.execute(query.order_by(lowerings.c.seq))]
+
+    def transition(
+        self, job_id: str, *, from_: Iterable[JobStatus], to: JobStatus, **fields: Any
+    ) -> bool:
+        """Move a job to ``to`` only if it is in one of ``from_``; True when it moved."""
+        values: dict[str, Any] = {"status": to.value, **fields}
+        if to is JobStatus.RUNNING:
+            values.setdefault("started_at", utcnow())
+        if to.is_final:
+            values.setdefault("finished_at", utcnow())
+            values.setdefault("phase", None)
+        query = (
+            update(lowerings)
+            .where(lowerings.c.id == job_id)
+            .where(lowerings.c.status.in_([s.value for s in from_]))
+            .values(**values)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount == 1
+
+    def update_running(self, job_id: str, **fields: Any) -> bool:
+        """Record progress (phase, timings) of a job that is still running."""
+        query = (
+            update(lowerings)
+            .where(lowerings.c.id == job_id)
+            .where(lowerings.c.status == JobStatus.RUNNING.value)
+            .values(**fields)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount == 1
+
+    def delete(self, job_id: str) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(sql_delete(lowerings).where(lowerings.c.id == job_id)).rowcount == 1
+
+    def count_artifact_refs(self, *, sha256: str) -> int:
+        query = select(lowerings.c.id).where(lowerings.c.artifact_sha256 == sha256)
+        with self.engine.connect() as conn:
+            return len(conn.execute(query).all())
+
+
+def _as_job(mapping: Any) -> Job:
+    job = dict(mapping)
+    for key in ("created_at", "started_at", "finished_at"):
+        value = job.get(key)
+        # SQLite hands back naive datetimes; everything we store is UTC.
+        if value is not None and value.tzinfo is None:
+            job[key] = value.replace(tzinfo=dt.UTC)
+    return job

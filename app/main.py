@@ -1,0 +1,86 @@
+"""The FastAPI app. Nothing runs at import: ``create_app(settings)`` builds it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api.handlers import register_exception_handlers
+from app.api.routes import health, lowerings
+from app.constants import ErrorCode, JobStatus
+from app.executors.process import ProcessExecutor
+from app.jobs.store import JobStore
+from app.settings import Settings
+from app.storage.artifacts import ArtifactStore
+
+log = logging.getLogger("app")
+MAX_ATTEMPTS = 2
+
+
+def recover_jobs(store: JobStore, executor: ProcessExecutor) -> None:
+    """After a restart: re-run jobs that were running once, then queue what is queued."""
+    for job_id in store.ids_with_status(statuses=[JobStatus.RUNNING]):
+        job = store.get(job_id)
+        if job is not None and job["attempts"] < MAX_ATTEMPTS:
+            store.transition(job_id, from_=[JobStatus.RUNNING], to=JobStatus.QUEUED,
+                             started_at=None, worker_pid=None, phase=None)
+        else:
+            store.transition(job_id, from_=[JobStatus.RUNNING], to=JobStatus.FAILED, error={
+                "code": ErrorCode.INTERRUPTED.value,
+                "message": "the service stopped twice while this job ran; resubmit it",
+                "detail": {},
+            })
+    for job_id in store.ids_with_status(statuses=[JobStatus.QUEUED]):
+        executor.submit(job_id)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; stores and the worker pool open in the lifespan."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.ensure_dirs()
+        store = JobStore(settings.db_url)
+        executor = ProcessExecutor(settings, store)
+        executor.start()
+        app.state.settings = settings
+        app.state.store = store
+        app.state.artifacts = ArtifactStore(settings.artifacts_dir)
+        app.state.executor = executor
+        recover_jobs(store, executor)
+        try:
+            yield
+        finally:
+            executor.close()
+            store.close()
+
+    app = FastAPI(
+        title="Lowering service",
+        version=__version__,
+        summary="Upload a torch.export program; get a verified AOTInductor pt2 archive.",
+        lifespan=lifespan,
+    )
+    register_exception_handlers(app)
+    app.include_router(health.router)
+    app.include_router(lowerings.router)
+    return app
+
+
+def run() -> None:
+    """Console entry point: serve with uvicorn on LOWERING_HOST:LOWERING_PORT."""
+    import uvicorn
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, timeout_graceful_shutdown=10)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,90 @@
+"""The service's settings: one class, every field overridable by a LOWERING_* variable."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_workers() -> int:
+    # Each lowering is mostly one g++ process; one worker per core keeps the host busy
+    # without thrashing. Never fewer than one.
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+class Settings(BaseSettings):
+    """Service settings. Environment: ``LOWERING_<FIELD>`` (e.g. ``LOWERING_WORKERS=4``)."""
+
+    model_config = SettingsConfigDict(env_prefix="LOWERING_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Path("data")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: SQLite file jobs.db in data_dir"
+    )
+    workers: int = Field(default_factory=_default_workers, ge=1, le=64)
+    job_timeout_s: float = Field(1800.0, gt=0)
+    max_jobs_per_worker: int = Field(50, ge=1, description="recycle a worker after this many")
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0)
+    max_wait_s: float = Field(3600.0, ge=0, description="cap on ?wait=")
+    preload_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="modules every worker imports at start (pytree types of uploads)",
+    )
+    inductor_cache_dir: Path | None = Field(
+        None, description="TORCHINDUCTOR_CACHE_DIR shared by workers; default data_dir/inductor"
+    )
+    verify_rtol: float = Field(1e-4, ge=0)
+    verify_atol: float = Field(1e-4, ge=0)
+    log_level: str = "info"
+
+    @field_validator("preload_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        # Accept "a,b c" from the environment as well as a JSON list.
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                return json.loads(value)
+            return [item for item in value.replace(",", " ").split() if item]
+        return value
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @cached_property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'jobs.db'}"
+
+    @cached_property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @cached_property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @cached_property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @cached_property
+    def scratch_dir(self) -> Path:
+        return self.data_dir / "scratch"
+
+    @cached_property
+    def inductor_dir(self) -> Path:
+        return (self.inductor_cache_dir or self.data_dir / "inductor").expanduser().resolve()
+
+    def ensure_dirs(self) -> None:
+        for path in (self.uploads_dir, self.artifacts_dir, self.logs_dir, self.scratch_dir,
+                     self.inductor_dir):
+            path.mkdir(parents=True, exist_ok=True)

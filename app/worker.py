@@ -1,0 +1,189 @@
+"""The one job body every executor calls: ``run_job(job_id)`` in a worker process.
+
+Workers are spawned, long-lived processes. ``init_worker`` runs once in each: it points
+inductor at the shared cache, imports the operator's preload modules and torch, so a
+job pays only for its own lowering. The API process imports this module too (to hand
+its functions to the pool) but never calls anything here that imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from app import __version__
+from app.constants import ErrorCode, JobStatus
+from app.errors import JobError
+from app.jobs.store import JobStore
+from app.settings import Settings
+from app.storage.artifacts import ArtifactStore
+
+log = logging.getLogger("app.worker")
+LOG_TAIL_BYTES = 4000
+
+_settings: Settings | None = None
+_store: JobStore | None = None
+_preload_errors: dict[str, str] = {}
+
+
+def init_worker(settings_data: dict[str, Any]) -> None:
+    """Pool initializer: settings, shared inductor cache, preload modules, torch."""
+    global _settings, _store
+    _settings = Settings(**settings_data)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_settings.inductor_dir)
+    # Defence in depth: any torch.load torch does on our behalf refuses pickled code.
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    _store = JobStore(_settings.db_url)
+    for name in _settings.preload_modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a bad preload must not stop the worker; jobs say why
+            _preload_errors[name] = f"{type(exc).__name__}: {exc}"
+            print(f"preload of {name!r} failed: {exc}", file=sys.stderr)
+    importlib.import_module("app.lowering")
+
+
+def probe() -> dict[str, Any]:
+    """What this worker can do: torch version, compiler, ISA, CUDA devices."""
+    from app.lowering import probe_toolchain
+
+    info = probe_toolchain()
+    info["pid"] = os.getpid()
+    info["preload_errors"] = dict(_preload_errors)
+    return info
+
+
+def run_job(job_id: str) -> str:
+    """Run one lowering job to a final status; returns that status."""
+    assert _settings is not None and _store is not None, "init_worker has not run"
+    settings, store = _settings, _store
+    job = store.get(job_id)
+    if job is None:
+        return "gone"
+    moved = store.transition(
+        job_id, from_=[JobStatus.QUEUED], to=JobStatus.RUNNING,
+        worker_pid=os.getpid(), attempts=job["attempts"] + 1, phase="load",
+    )
+    if not moved:  # cancelled or deleted while it waited
+        return "skipped"
+    log_path = settings.logs_dir / f"{job_id}.log"
+    scratch = settings.scratch_dir / job_id
+    scratch.mkdir(parents=True, exist_ok=True)
+    out_path = scratch / "artifact.pt2"
+    timings = dict(job["timings"] or {})
+    try:
+        with _job_log(log_path):
+            try:
+                result = _lower(job, settings, store, out_path)
+                sha256, size = ArtifactStore(settings.artifacts_dir).put(out_path)
+            except JobError as exc:
+                log.error("job failed: %s", exc)
+                raise
+            except OSError as exc:
+                log.exception("storage error")
+                raise JobError(ErrorCode.STORAGE_FULL if exc.errno in (28, 27, 122)
+                               else ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
+            except Exception as exc:
+                log.exception("unexpected error")
+                raise JobError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
+    except JobError as exc:
+        error = exc.as_dict()
+        if exc.code in (ErrorCode.LOWERING_FAILED, ErrorCode.INTERNAL):
+            error["detail"]["log_tail"] = read_log_tail(log_path)
+        store.transition(job_id, from_=[JobStatus.RUNNING], to=JobStatus.FAILED, error=error)
+        return JobStatus.FAILED.value
+    finally:
+        _remove_tree(scratch)
+    timings.update(result.timings)
+    done = store.transition(
+        job_id, from_=[JobStatus.RUNNING], to=JobStatus.SUCCEEDED,
+        artifact_sha256=sha256, artifact_size_bytes=size, timings=timings,
+        verification=result.verification, toolchain=result.toolchain,
+    )
+    return JobStatus.SUCCEEDED.value if done else "superseded"
+
+
+def _lower(job: dict[str, Any], settings: Settings, store: JobStore, out_path: Path) -> Any:
+    from app.lowering import run_lowering
+
+    log.info("lowering job %s: model_name=%s backend_id=%s device=%s options=%s",
+             job["id"], job["model_name"], job["backend_id"], job["device"], job["options"])
+    provenance = {
+        "service": "lowering-service",
+        "service_version": __version__,
+        "job_id": job["id"],
+        "input_sha256": job["input_sha256"],
+        "model_name": job["model_name"],
+        "backend_id": job["backend_id"],
+    }
+    return run_lowering(
+        program_path=settings.uploads_dir / f"{job['id']}.pt2",
+        out_path=out_path,
+        model_name=job["model_name"],
+        backend_id=job["backend_id"],
+        device=job["device"],
+        options=job["options"],
+        verify=job["verify"],
+        rtol=job["rtol"],
+        atol=job["atol"],
+        provenance=provenance,
+        on_phase=lambda phase: store.update_running(job["id"], phase=phase),
+    )
+
+
+@contextlib.contextmanager
+def _job_log(path: Path) -> Iterator[None]:
+    """Send this process's fds 1/2 (g++ output included) and logging to the job's log."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with path.open("ab", buffering=0) as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        level = root.level
+        root.setLevel(logging.INFO)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            log.info("job finished in %.1f s", time.monotonic() - started)
+            root.removeHandler(handler)
+            root.setLevel(level)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def read_log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - limit))
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
