@@ -1,0 +1,66 @@
+"""Helpers that build requests and hostile-or-broken files for the tests."""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def submit(
+    client: httpx.Client, program: Path | bytes, *, wait: float | None = None,
+    filename: str = "program.pt2", **fields: Any,
+) -> httpx.Response:
+    """POST /v1/lowerings with ``program`` and string-converted form ``fields``."""
+    data = program.read_bytes() if isinstance(program, Path) else program
+    form = {k: (v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v))
+            for k, v in fields.items()}
+    params = {"wait": wait} if wait is not None else None
+    return client.post("/v1/lowerings", params=params, data=form,
+                       files={"program": (filename, data, "application/octet-stream")})
+
+
+def wait_for(client: httpx.Client, job_id: str, *, until: set[str] | None = None,
+             phase: str | None = None, timeout_s: float = 240) -> dict[str, Any]:
+    """Poll a job until its status is in ``until`` (and ``phase`` matches if given)."""
+    until = until or FINAL
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.get(f"/v1/lowerings/{job_id}").json()
+        if job["status"] in until and (phase is None or job["phase"] == phase):
+            return job
+        if job["status"] in FINAL and job["status"] not in until:
+            raise AssertionError(f"job ended {job['status']}: {job.get('error')}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {job['status']}/{job['phase']}")
+        time.sleep(0.1)
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, payload in members.items():
+            archive.writestr(name, payload)
+    return buffer.getvalue()
+
+
+def rewrite_zip(source: Path, *, drop: str = "", add: dict[str, bytes] | None = None) -> bytes:
+    """A copy of ``source`` without members containing ``drop``, plus ``add``."""
+    members: dict[str, bytes] = {}
+    with zipfile.ZipFile(source) as archive:
+        for info in archive.infolist():
+            if not (drop and drop in info.filename):
+                members[info.filename] = archive.read(info)
+    members.update(add or {})
+    return zip_bytes(members)
+
+
+def leftover_uploads(data_dir: Path) -> list[str]:
+    """Partial or rejected upload files still on disk (must be none)."""
+    return sorted(p.name for p in (data_dir / "uploads").glob(".upload-*"))

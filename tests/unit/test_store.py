@@ -1,0 +1,84 @@
+"""Job store: guarded transitions, paging, portable schema (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from app.constants import JobStatus
+from app.jobs.store import JobStore
+
+FIELDS = dict(model_name="m", backend_id="aoti", device="cpu", options={}, verify=True,
+              rtol=1e-4, atol=1e-4, input_sha256="0" * 64, input_size_bytes=1)
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _postgres_url() -> str | None:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return None
+    engine = create_engine(PG_URL)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError:
+        return None
+    finally:
+        engine.dispose()
+    return PG_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        found = _postgres_url()
+        if found is None:
+            pytest.skip("PostgreSQL at 127.0.0.1:5432 (database test) is not reachable")
+        url = found
+    job_store = JobStore(url)
+    yield job_store
+    if request.param == "postgresql":
+        with job_store.engine.begin() as conn:
+            conn.execute(text("DROP TABLE lowerings"))
+    job_store.close()
+
+
+def test_create_and_get(store: JobStore) -> None:
+    job = store.create(**FIELDS)
+    assert job["status"] == JobStatus.QUEUED.value
+    assert store.get(job["id"]) == job
+    assert store.get(uuid.uuid4().hex) is None
+    assert job["created_at"].tzinfo is not None
+
+
+def test_transitions_are_guarded(store: JobStore) -> None:
+    job = store.create(**FIELDS)
+    assert store.transition(job["id"], from_=[JobStatus.QUEUED], to=JobStatus.RUNNING)
+    # A second actor that also saw "queued" cannot move it again.
+    assert not store.transition(job["id"], from_=[JobStatus.QUEUED], to=JobStatus.RUNNING)
+    assert store.update_running(job["id"], phase="lower")
+    assert store.transition(job["id"], from_=[JobStatus.RUNNING], to=JobStatus.CANCELLED)
+    assert not store.update_running(job["id"], phase="verify")
+    assert not store.transition(job["id"], from_=[JobStatus.RUNNING], to=JobStatus.SUCCEEDED)
+    final = store.get(job["id"])
+    assert final is not None
+    assert final["status"] == "cancelled" and final["phase"] is None
+    assert final["started_at"] is not None and final["finished_at"] is not None
+
+
+def test_paging_newest_first(store: JobStore) -> None:
+    ids = [store.create(**FIELDS)["id"] for _ in range(5)]
+    first = store.list_page(limit=2)
+    assert [j["id"] for j in first] == ids[::-1][:2]
+    rest = store.list_page(limit=10, before_seq=first[-1]["seq"])
+    assert [j["id"] for j in rest] == ids[::-1][2:]
+    assert store.ids_with_status(statuses=[JobStatus.QUEUED]) == ids
+    assert store.delete(ids[0]) and not store.delete(ids[0])
