@@ -103,7 +103,7 @@ class _Progress:
     def __rich__(self) -> Spinner:
         self.spinner.text = Text.assemble(
             (f"{self.job['id']}  ", "dim"),
-            (str(self.job.get("status", "submitting")), "bold"),
+            (str(self.job.get("status", "waiting")), "bold"),
             f"  phase {self.job.get('phase') or '-'}",
             f"  {time.monotonic() - self.started:5.1f}s",
         )
@@ -188,7 +188,8 @@ def _list(client: LoweringClient, args: argparse.Namespace, err: Console) -> int
     # Plain aligned columns rather than a rich table: stays whole and greppable when piped.
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
     if page.get("next_cursor"):
         _say(err, f"more: lowerctl list --cursor {page['next_cursor']}", "dim")
     return EXIT_OK

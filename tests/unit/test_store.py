@@ -13,8 +13,9 @@ from sqlalchemy.exc import OperationalError
 from app.constants import JobStatus
 from app.jobs.store import JobStore
 
-FIELDS = dict(model_name="m", backend_id="aoti", device="cpu", options={}, verify=True,
-              rtol=1e-4, atol=1e-4, input_sha256="0" * 64, input_size_bytes=1)
+FIELDS = {"model_name": "m", "backend_id": "aoti", "device": "cpu", "options": {},
+          "verify": True, "rtol": 1e-4, "atol": 1e-4, "input_sha256": "0" * 64,
+          "input_size_bytes": 1}
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 

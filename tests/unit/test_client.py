@@ -1,0 +1,377 @@
+"""The SDK and lowerctl against a fake service behind httpx.MockTransport.
+
+FakeLoweringService mimics the API contract (routes, status codes, error bodies, ETag),
+keeps jobs in a dict and moves each one a step (queued -> running -> final) per GET.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.client import ChecksumMismatch, LoweringAPIError, LoweringClient
+from app.client.cli import main
+from app.constants import NAME_PATTERN
+
+ARTIFACT = b"PK\x03\x04 not really a zip, but the client never looks inside"
+
+
+def _error(status: int, code: str, message: str) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"code": code, "message": message}})
+
+
+def _multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, tuple[str, bytes]]]:
+    raw = b"Content-Type: " + request.headers["content-type"].encode() + b"\r\n\r\n"
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw + request.read())
+    fields: dict[str, str] = {}
+    files: dict[str, tuple[str, bytes]] = {}
+    for part in message.iter_parts():
+        name = str(part.get_param("name", header="content-disposition"))
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        if part.get_filename():
+            files[name] = (str(part.get_filename()), payload)
+        else:
+            fields[name] = payload.decode()
+    return fields, files
+
+
+class FakeLoweringService:
+    """The service's HTTP contract in memory; model_name "broken" makes a job fail."""
+
+    def __init__(self, *, polls_to_finish: int = 2, etag: str | None = None) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.uploads: dict[str, tuple[dict[str, str], dict[str, tuple[str, bytes]]]] = {}
+        self.requests: list[httpx.Request] = []
+        self.polls_to_finish = polls_to_finish
+        self.etag = etag or hashlib.sha256(ARTIFACT).hexdigest()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        method, path = request.method, request.url.path
+        if (method, path) == ("GET", "/healthz"):
+            return httpx.Response(200, json={"status": "ok"})
+        if (method, path) == ("GET", "/v1/info"):
+            return httpx.Response(200, json={"service": "lowering", "backends": ["aoti"]})
+        if path == "/v1/lowerings":
+            return self._submit(request) if method == "POST" else self._list(request)
+        match = re.fullmatch(r"/v1/lowerings/([^/]+)(/artifact|/log|/cancel)?", path)
+        if match is None:
+            return httpx.Response(404, json={"detail": "Not Found"})
+        job = self.jobs.get(match.group(1))
+        if job is None:
+            return _error(404, "not_found", f"no lowering {match.group(1)!r}")
+        action = (method, match.group(2))
+        if action == ("GET", None):
+            return httpx.Response(200, json=self._advance(job))
+        if action == ("DELETE", None):
+            del self.jobs[job["id"]]
+            return httpx.Response(204)
+        if action == ("POST", "/cancel"):
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return _error(409, "conflict", f"job is already {job['status']}")
+            job.update(status="cancelled", phase=None)
+            return httpx.Response(200, json=job)
+        if action == ("GET", "/log"):
+            return httpx.Response(200, text=f"lowering {job['id']}\n")
+        if action == ("GET", "/artifact"):
+            if job["status"] != "succeeded":
+                return _error(409, "conflict", f"job is {job['status']}, not succeeded")
+            filename = f"{job['model_name']}-{job['backend_id']}.pt2"
+            return httpx.Response(200, content=ARTIFACT, headers={
+                "ETag": f'"{self.etag}"', "Content-Type": "application/zip",
+                "Content-Disposition": f'attachment; filename="{filename}"'})
+        return httpx.Response(405, json={"detail": "Method Not Allowed"})
+
+    def _submit(self, request: httpx.Request) -> httpx.Response:
+        fields, files = _multipart(request)
+        if not re.fullmatch(NAME_PATTERN, fields.get("model_name", "")):
+            return _error(422, "invalid_parameter", f"model_name must match {NAME_PATTERN}")
+        job_id = f"job{len(self.jobs) + 1:04d}"
+        self.uploads[job_id] = (fields, files)
+        self.jobs[job_id] = {
+            "id": job_id, "status": "queued", "phase": None, "polls": 0,
+            "model_name": fields["model_name"], "backend_id": fields["backend_id"],
+            "device": fields["device"], "options": json.loads(fields["options"]),
+            "verify": fields["verify"] == "true", "artifact": None, "error": None,
+            "created_at": f"2025-01-01T00:00:{len(self.jobs):02d}Z",
+        }
+        location = f"/v1/lowerings/{job_id}"
+        return httpx.Response(202, json=self.jobs[job_id], headers={"Location": location})
+
+    def _advance(self, job: dict[str, Any]) -> dict[str, Any]:
+        if job["status"] in ("queued", "running"):
+            job["polls"] += 1
+            if job["polls"] < self.polls_to_finish:
+                job.update(status="running", phase="lower")
+            elif job["model_name"] == "broken":
+                job.update(status="failed", phase=None, error={
+                    "code": "lowering_failed", "message": "inductor said no", "detail": {}})
+            else:
+                job.update(status="succeeded", phase=None, artifact={
+                    "sha256": hashlib.sha256(ARTIFACT).hexdigest(),
+                    "size_bytes": len(ARTIFACT), "url": f"/v1/lowerings/{job['id']}/artifact"})
+        return job
+
+    def _list(self, request: httpx.Request) -> httpx.Response:
+        query = request.url.params
+        jobs = [job for job in self.jobs.values()
+                if query.get("status") in (None, job["status"])
+                and query.get("model_name") in (None, job["model_name"])]
+        start, limit = int(query.get("cursor", 0)), int(query.get("limit", 50))
+        more = start + limit < len(jobs)
+        return httpx.Response(200, json={"items": jobs[start:start + limit],
+                                         "next_cursor": str(start + limit) if more else None})
+
+
+@pytest.fixture
+def service() -> FakeLoweringService:
+    return FakeLoweringService()
+
+
+@pytest.fixture
+def client(service: FakeLoweringService) -> Iterator[LoweringClient]:
+    with LoweringClient(transport=httpx.MockTransport(service)) as lowering_client:
+        yield lowering_client
+
+
+@pytest.fixture
+def program(tmp_path: Path) -> Path:
+    path = tmp_path / "model.pt2"
+    path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 64)
+    return path
+
+
+# --- SDK ---------------------------------------------------------------------------------
+
+def test_submit_sends_every_field_and_the_file(
+    client: LoweringClient, service: FakeLoweringService, program: Path
+) -> None:
+    job = client.submit(program, model_name="resnet", device="cuda:0",
+                        options={"max_autotune": True}, verify=False, rtol=0.001)
+    assert job["status"] == "queued"
+    fields, files = service.uploads[job["id"]]
+    assert fields == {"model_name": "resnet", "backend_id": "aoti", "device": "cuda:0",
+                      "options": '{"max_autotune": true}', "verify": "false", "rtol": "0.001"}
+    assert files == {"program": ("model.pt2", program.read_bytes())}
+
+
+def test_submit_defaults_leave_tolerances_to_the_server(
+    client: LoweringClient, service: FakeLoweringService, program: Path
+) -> None:
+    fields, _ = service.uploads[client.submit(program, model_name="m")["id"]]
+    assert fields == {"model_name": "m", "backend_id": "aoti", "device": "cpu",
+                      "options": "{}", "verify": "true"}
+
+
+@pytest.mark.parametrize(
+    ("response", "code", "message"),
+    [
+        (_error(422, "invalid_parameter", "model_name must match"), "invalid_parameter",
+         "model_name must match"),
+        (httpx.Response(502, text="<html>Bad Gateway</html>"), "http_502",
+         "<html>Bad Gateway</html>"),
+        (httpx.Response(404, json={"detail": "Not Found"}), "http_404", "Not Found"),
+        (httpx.Response(500, content=b""), "http_500", "Internal Server Error"),
+    ],
+)
+def test_errors_are_parsed_from_the_body(response: httpx.Response, code: str,
+                                         message: str) -> None:
+    transport = httpx.MockTransport(lambda request: response)
+    with LoweringClient(transport=transport) as lowering_client, \
+            pytest.raises(LoweringAPIError) as caught:
+        lowering_client.get("job0001")
+    assert (caught.value.status, caught.value.code) == (response.status_code, code)
+    assert caught.value.message == message
+
+
+def test_wait_polls_until_final_and_reports_each_poll(
+    client: LoweringClient, service: FakeLoweringService, program: Path
+) -> None:
+    service.polls_to_finish = 3
+    job_id = client.submit(program, model_name="m")["id"]
+    seen: list[tuple[str, str | None]] = []
+    job = client.wait(job_id, poll_s=0, on_update=lambda j: seen.append((j["status"], j["phase"])))
+    assert job["status"] == "succeeded"
+    assert seen == [("running", "lower"), ("running", "lower"), ("succeeded", None)]
+
+
+def test_wait_raises_timeout_error(
+    client: LoweringClient, service: FakeLoweringService, program: Path
+) -> None:
+    service.polls_to_finish = 10**9
+    job_id = client.submit(program, model_name="m")["id"]
+    with pytest.raises(TimeoutError, match="still running"):
+        client.wait(job_id, timeout_s=0.05, poll_s=0.01)
+
+
+def test_download_verifies_sha256_and_renames_into_place(
+    client: LoweringClient, program: Path, tmp_path: Path
+) -> None:
+    job = client.wait(client.submit(program, model_name="m")["id"], poll_s=0)
+    out = client.download(job["id"], tmp_path / "out.pt2")
+    assert out.read_bytes() == ARTIFACT
+    assert not list(tmp_path.glob("*.part"))
+    # A directory keeps the server's file name.
+    assert client.download(job["id"], tmp_path).name == "m-aoti.pt2"
+
+
+def test_download_checksum_mismatch_leaves_nothing(
+    client: LoweringClient, service: FakeLoweringService, program: Path, tmp_path: Path
+) -> None:
+    service.etag = "0" * 64
+    job = client.wait(client.submit(program, model_name="m")["id"], poll_s=0)
+    with pytest.raises(ChecksumMismatch) as caught:
+        client.download(job["id"], tmp_path / "out.pt2")
+    assert caught.value.expected == "0" * 64
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.pt2"]
+
+
+def test_list_and_iter_all_follow_cursors(
+    client: LoweringClient, service: FakeLoweringService, program: Path
+) -> None:
+    ids = [client.submit(program, model_name=f"m{i}")["id"] for i in range(5)]
+    page = client.list(limit=2)
+    assert [job["id"] for job in page["items"]] == ids[:2] and page["next_cursor"] == "2"
+    assert [job["id"] for job in client.iter_all(limit=2)] == ids
+    assert client.list(model_name="m3")["items"][0]["id"] == ids[3]
+    assert service.requests[-1].url.params["model_name"] == "m3"
+
+
+def test_cancel_delete_log_info_health(client: LoweringClient, program: Path) -> None:
+    job_id = client.submit(program, model_name="m")["id"]
+    assert client.cancel(job_id)["status"] == "cancelled"
+    assert client.log(job_id) == f"lowering {job_id}\n"
+    assert client.delete(job_id) is None
+    with pytest.raises(LoweringAPIError, match="not_found"):
+        client.get(job_id)
+    assert client.info()["backends"] == ["aoti"]
+    assert client.health() == {"status": "ok"}
+
+
+# --- lowerctl ----------------------------------------------------------------------------
+
+Run = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def lowerctl(service: FakeLoweringService, capsys: pytest.CaptureFixture[str]) -> Run:
+    def run(*argv: str, transport: httpx.BaseTransport | None = None) -> tuple[int, str, str]:
+        code = main(list(argv), transport=transport or httpx.MockTransport(service))
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return code, out, err
+    return run
+
+
+def test_cli_submit_parses_options(lowerctl: Run, service: FakeLoweringService,
+                                   program: Path) -> None:
+    code, out, _ = lowerctl("submit", str(program), "--model-name", "m", "--no-verify",
+                            "--option", "max_autotune=true", "--option", "mode=max-autotune")
+    assert code == 0 and json.loads(out)["status"] == "queued"
+    fields, _ = service.uploads[json.loads(out)["id"]]
+    assert json.loads(fields["options"]) == {"max_autotune": True, "mode": "max-autotune"}
+    assert fields["verify"] == "false"
+
+
+def test_cli_submit_wait_downloads(lowerctl: Run, program: Path, tmp_path: Path) -> None:
+    out_path = tmp_path / "lowered.pt2"
+    code, out, err = lowerctl("submit", str(program), "--model-name", "m", "--wait",
+                              "--poll", "0", "-o", str(out_path))
+    assert code == 0 and json.loads(out)["status"] == "succeeded"
+    assert out_path.read_bytes() == ARTIFACT and "succeeded" in err
+
+
+def test_cli_failed_job_exits_1_with_its_error(lowerctl: Run, program: Path) -> None:
+    code, out, err = lowerctl("submit", str(program), "--model-name", "broken", "--wait",
+                              "--poll", "0")
+    assert code == 1 and json.loads(out)["status"] == "failed"
+    assert "lowering_failed: inductor said no" in err
+
+
+def test_cli_cancel_then_wait_exits_1(lowerctl: Run, client: LoweringClient,
+                                      program: Path) -> None:
+    job_id = client.submit(program, model_name="m")["id"]
+    assert lowerctl("cancel", job_id)[0] == 0
+    code, out, _ = lowerctl("wait", job_id, "--poll", "0")
+    assert code == 1 and json.loads(out)["status"] == "cancelled"
+
+
+def test_cli_wait_timeout_exits_1(lowerctl: Run, service: FakeLoweringService,
+                                  client: LoweringClient, program: Path) -> None:
+    service.polls_to_finish = 10**9
+    job_id = client.submit(program, model_name="m")["id"]
+    code, _, err = lowerctl("wait", job_id, "--timeout", "0.05", "--poll", "0.01")
+    assert code == 1 and "still running" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["status", "nope"], "no lowering 'nope' (HTTP 404, not_found)"),
+        (["submit", "{program}", "--model-name", "bad name!"], "model_name must match"),
+        (["submit", "missing.pt2", "--model-name", "m"], "No such file or directory"),
+        (["submit", "{program}"], "--model-name"),
+        (["submit", "{program}", "--model-name", "m", "--option", "novalue"], "KEY=VALUE"),
+    ],
+)
+def test_cli_usage_and_api_errors_exit_2(lowerctl: Run, program: Path, argv: list[str],
+                                         message: str) -> None:
+    code, out, err = lowerctl(*(arg.format(program=program) for arg in argv))
+    assert (code, out) == (2, "")
+    assert message in err
+
+
+def test_cli_checksum_mismatch_exits_2(lowerctl: Run, service: FakeLoweringService,
+                                       client: LoweringClient, program: Path,
+                                       tmp_path: Path) -> None:
+    service.etag = "f" * 64
+    job_id = client.wait(client.submit(program, model_name="m")["id"], poll_s=0)["id"]
+    code, _, err = lowerctl("download", job_id, "-o", str(tmp_path / "out.pt2"))
+    assert code == 2 and "sha256" in err and not (tmp_path / "out.pt2").exists()
+
+
+def test_cli_cannot_connect_exits_3(lowerctl: Run) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    code, _, err = lowerctl("status", "job0001", transport=httpx.MockTransport(refuse))
+    assert code == 3 and "cannot reach http://127.0.0.1:8000" in err
+    # And for real: nothing listens on port 9 of this host.
+    assert lowerctl("--url", "http://127.0.0.1:9", "list", transport=httpx.HTTPTransport())[0] == 3
+
+
+def test_cli_list_prints_a_table(lowerctl: Run, client: LoweringClient, program: Path) -> None:
+    ids = [client.submit(program, model_name=f"m{i}")["id"] for i in range(3)]
+    code, out, err = lowerctl("list", "--limit", "2")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["ID", "STATUS", "PHASE", "MODEL", "BACKEND",
+                                              "DEVICE", "CREATED"]
+    assert [line.split()[0] for line in lines[1:]] == ids[:2]
+    assert "--cursor 2" in err
+
+
+def test_cli_log_and_status(lowerctl: Run, client: LoweringClient, program: Path) -> None:
+    job_id = client.submit(program, model_name="m")["id"]
+    assert lowerctl("log", job_id)[:2] == (0, f"lowering {job_id}\n")
+    code, out, _ = lowerctl("status", job_id)
+    assert code == 0 and json.loads(out)["id"] == job_id
+
+
+def test_client_imports_neither_torch_nor_fastapi() -> None:
+    probe = ("import sys, app.client, app.client.cli; "
+             "print(sorted({'torch', 'fastapi'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, timeout=60)
+    assert result.stdout.strip() == "[]"
