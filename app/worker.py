@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
+import math
 import os
 import sys
 import time
@@ -58,7 +60,9 @@ def probe() -> dict[str, Any]:
     info = probe_toolchain()
     info["pid"] = os.getpid()
     info["preload_errors"] = dict(_preload_errors)
-    return info
+    # Plain JSON types only: torch.__version__ is a torch class, and unpickling it in
+    # the API process would import torch there.
+    return json.loads(json.dumps(info, default=str))
 
 
 def run_job(job_id: str) -> str:
@@ -106,7 +110,7 @@ def run_job(job_id: str) -> str:
     done = store.transition(
         job_id, from_=[JobStatus.RUNNING], to=JobStatus.SUCCEEDED,
         artifact_sha256=sha256, artifact_size_bytes=size, timings=timings,
-        verification=result.verification, toolchain=result.toolchain,
+        verification=finite(result.verification), toolchain=result.toolchain,
     )
     return JobStatus.SUCCEEDED.value if done else "superseded"
 
@@ -168,6 +172,17 @@ def _job_log(path: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def finite(value: Any) -> Any:
+    """JSON has no inf/NaN (a runner that crashed reports an infinite error): use None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def read_log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:

@@ -55,6 +55,7 @@ class _FormSink:
         self._name = ""
         self._is_file = False
         self._value = bytearray()
+        self.complete = False
 
     def callbacks(self) -> dict[str, object]:
         return {
@@ -64,7 +65,11 @@ class _FormSink:
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._part_data,
             "on_part_end": self._part_end,
+            "on_end": self._end,
         }
+
+    def _end(self) -> None:
+        self.complete = True
 
     def _part_begin(self) -> None:
         self._headers, self._header_field, self._value = {}, b"", bytearray()
@@ -156,6 +161,8 @@ async def receive_form(
                 raise BadRequest(f"malformed multipart body: {exc}") from exc
             await sink.flush()
         parser.finalize()
+        if not sink.complete:
+            raise BadRequest("multipart body ended before its closing boundary (truncated upload)")
         await sink.flush(force=True)
         if sink.handle is not None:
             await to_thread.run_sync(sink.handle.close)

@@ -53,7 +53,9 @@ def test_archive_layout_and_provenance(linear: dict[str, Any]) -> None:
     job = linear["job"]
     assert provenance["input_sha256"] == job["input"]["sha256"]
     assert provenance["verification"]["passed"] is True
-    assert provenance["torch_version"] == job["toolchain"]["torch_version"]
+    assert provenance["toolchain"]["torch_version"] == job["toolchain"]["torch_version"]
+    assert provenance["service_version"] and provenance["device"] == "cpu"
+    assert provenance["toolchain"]["compiler"] and provenance["toolchain"]["cpu_isa"]
 
 
 def test_job_record_is_complete(linear: dict[str, Any], programs: Path) -> None:

@@ -1,0 +1,10 @@
+"""Lowering exported programs with AOTInductor into NativeRT pt2 archives.
+
+The only package of the app that imports torch; the worker process imports it.
+"""
+
+from app.lowering.pipeline import LoweringResult, run_lowering
+from app.lowering.toolchain import probe_toolchain
+from app.lowering.verify import verify_archive
+
+__all__ = ["LoweringResult", "probe_toolchain", "run_lowering", "verify_archive"]

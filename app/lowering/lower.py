@@ -1,0 +1,187 @@
+"""AOTInductor lowering that keeps the program's dynamic dimensions.
+
+Mirrors torch.nativert.backends._lower_utils.lower_exported_program, whose
+re-export passes no ``dynamic_shapes``: the compiled runner then specialises to
+the example sizes yet accepts other sizes and silently computes garbage.
+Here every re-export gets dynamic_shapes rebuilt from the program's own input
+placeholders and ``range_constraints``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+from typing import Any
+
+import sympy
+import torch
+import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
+from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind
+from torch.nativert.backends._lowered_aoti_module import LoweredBackendModule
+from torch.utils._sympy.numbers import int_oo
+
+log = logging.getLogger("app.lowering")
+
+DimSpec = dict[int, Any] | None
+
+
+def flat_example_inputs(ep: ExportedProgram) -> list[Any]:
+    """The example inputs as the leaf list the runner takes, in the program's order."""
+    args, kwargs = ep.example_inputs
+    # Flatten by the program's in_spec, not by the example dict's own key order.
+    return list(fx_pytree.tree_flatten_spec((args, kwargs), ep.call_spec.in_spec))
+
+
+def symbolic_dims(ep: ExportedProgram) -> list[list[sympy.Expr | int] | None]:
+    """Per flat user input: each dim as a sympy expression or int (None for non-tensors)."""
+    names = {
+        spec.arg.name
+        for spec in ep.graph_signature.input_specs
+        if spec.kind == InputKind.USER_INPUT and hasattr(spec.arg, "name")
+    }
+    out: list[list[sympy.Expr | int] | None] = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in names:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            out.append(None)
+            continue
+        out.append(
+            [s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
+        )
+    return out
+
+
+def symbol_ranges(ep: ExportedProgram) -> dict[str, tuple[int, int | None]]:
+    """Input symbol name -> (min, max or None when unbounded)."""
+    ranges: dict[str, tuple[int, int | None]] = {}
+    for sym, vr in ep.range_constraints.items():
+        if not isinstance(sym, sympy.Symbol):
+            continue
+        upper = None if vr.upper in (int_oo, sympy.oo) else int(vr.upper)
+        ranges[sym.name] = (int(vr.lower), upper)
+    return ranges
+
+
+def flat_dynamic_shapes(ep: ExportedProgram) -> list[DimSpec]:
+    """One dynamic_shapes entry per flat input leaf.
+
+    One Dim object per symbol, shared by all dims carrying it, so equalities
+    between inputs survive the re-export. Dims that are expressions of symbols
+    (e.g. s0*2) are left to export to infer (Dim.AUTO) from the named ones.
+    """
+    ranges = symbol_ranges(ep)
+    dims: dict[str, Any] = {}
+    specs: list[DimSpec] = []
+    for shape in symbolic_dims(ep):
+        if shape is None:
+            specs.append(None)
+            continue
+        spec: dict[int, Any] = {}
+        for idx, expr in enumerate(shape):
+            if isinstance(expr, sympy.Symbol):
+                name = expr.name
+                if name not in dims:
+                    lo, hi = ranges.get(name, (0, None))
+                    dims[name] = Dim(name, min=lo, max=hi) if hi is not None else Dim(
+                        name, min=lo
+                    )
+                spec[idx] = dims[name]
+            elif isinstance(expr, sympy.Expr) and not expr.is_number:
+                spec[idx] = Dim.AUTO
+        specs.append(spec or None)
+    if len(specs) != len(flat_example_inputs(ep)):
+        # Should not happen for a program torch.export made; a static re-export
+        # is still correct at the example sizes and verification will tell.
+        log.warning("input placeholders do not match the flat inputs; exporting static")
+        return [None] * len(flat_example_inputs(ep))
+    return specs
+
+
+class _FlattenedModule(torch.nn.Module):
+    def __init__(self, ep: ExportedProgram) -> None:
+        super().__init__()
+        self.original_module = ep.module()
+        self.in_spec = ep.call_spec.in_spec
+
+    def forward(self, *flat_inputs: Any) -> tuple[Any, ...]:
+        args, kwargs = pytree.tree_unflatten(list(flat_inputs), self.in_spec)
+        return tuple(pytree.tree_leaves(self.original_module(*args, **kwargs)))
+
+
+def _bind_shapes(sig: inspect.Signature, tree: Any) -> dict[str, Any]:
+    # torch.export matches a dict of dynamic_shapes against
+    # signature.bind(*args, **kwargs).arguments, so binding the shapes tree
+    # (same structure as (args, kwargs)) to the same signature lines them up.
+    shape_args, shape_kwargs = tree
+    return dict(sig.bind(*shape_args, **shape_kwargs).arguments)
+
+
+def to_device(
+    ep: ExportedProgram, inputs: list[Any], device: str
+) -> tuple[ExportedProgram, list[Any]]:
+    if device == "cpu":
+        return ep, inputs
+    from torch.export.passes import move_to_device_pass
+
+    moved = [x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs]
+    return move_to_device_pass(ep, device), moved
+
+
+def lower_program(
+    ep: ExportedProgram, *, model_name: str, backend_id: str, device: str, options: dict[str, Any]
+) -> tuple[ExportedProgram, list[Any]]:
+    """Compile ``ep`` (which this mutates: pass a copy) and build its delegate program."""
+    out_spec = ep.call_spec.out_spec
+    in_spec = ep.call_spec.in_spec
+    flat_shapes = flat_dynamic_shapes(ep)
+    flat_inputs = flat_example_inputs(ep)
+    ep, flat_inputs = to_device(ep, flat_inputs, device)
+    args, kwargs = pytree.tree_unflatten(flat_inputs, in_spec)
+
+    log.info("re-exporting with flat inputs/outputs; dynamic dims: %s", flat_shapes)
+    flat_module = _FlattenedModule(ep)
+    flat_ep = torch.export.export(
+        flat_module,
+        tuple(flat_inputs),
+        dynamic_shapes={"flat_inputs": tuple(flat_shapes)},
+    )
+    log.info("flat program range_constraints: %s", flat_ep.range_constraints)
+
+    log.info("compiling with AOTInductor, options %s", options)
+    aoti_files = torch._inductor.aot_compile(
+        flat_ep.module(),
+        tuple(flat_inputs),
+        options={**options, "aot_inductor.package": True},
+    )
+    if not isinstance(aoti_files, list):
+        raise TypeError(f"aot_compile returned {type(aoti_files).__name__}, expected a list")
+    log.info("compiled %d files", len(aoti_files))
+
+    delegate = LoweredBackendModule(flat_ep, backend_id, module_name=model_name)
+
+    def forward(self: LoweredBackendModule, *a: Any, **kw: Any) -> Any:
+        flat = fx_pytree.tree_flatten_spec((a, kw), in_spec)
+        outs = torch._higher_order_ops.executorch_call_delegate(self, *flat)
+        if out_spec is not None and outs is not None:
+            return pytree.tree_unflatten(outs, out_spec)
+        return outs
+
+    # A bare `forward(*args, **kwargs)` cannot be exported with dynamic_shapes
+    # when kwargs are passed (torch 2.13 appends the kwargs to the bound
+    # arguments a second time and the shapes can match neither form), so the
+    # delegate's forward advertises the original module's signature instead.
+    sig = inspect.signature(flat_module.original_module.forward)
+    forward.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
+                    *sig.parameters.values()]
+    )
+    delegate.forward = types.MethodType(forward, delegate)  # type: ignore[method-assign]
+    shapes = _bind_shapes(sig, pytree.tree_unflatten(flat_shapes, in_spec))
+    delegate_ep = torch.export.export(delegate, tuple(args), kwargs, dynamic_shapes=shapes)
+    log.info("delegate program range_constraints: %s", delegate_ep.range_constraints)
+    return delegate_ep, aoti_files

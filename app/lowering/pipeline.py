@@ -1,0 +1,140 @@
+"""run_lowering: load -> lower -> package -> verify, each failure a JobError."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.constants import ErrorCode
+from app.errors import JobError
+from app.lowering.load import load_program
+from app.lowering.lower import lower_program
+from app.lowering.package import write_archive
+from app.lowering.toolchain import probe_toolchain
+from app.lowering.verify import verify_archive
+
+log = logging.getLogger("app.lowering")
+
+
+@dataclass
+class LoweringResult:
+    timings: dict[str, float] = field(default_factory=dict)
+    verification: dict[str, Any] | None = None
+    toolchain: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def _phase(name: str, timings: dict[str, float], on_phase: Callable[[str], None],
+           code: str = ErrorCode.LOWERING_FAILED) -> Iterator[None]:
+    on_phase(name)
+    log.info("phase %s started", name)
+    start = time.monotonic()
+    try:
+        yield
+    except JobError:
+        raise
+    except Exception as exc:
+        log.exception("phase %s failed", name)
+        raise JobError(
+            code,
+            f"{type(exc).__name__}: {exc}"[:2000],
+            detail={"exception_type": type(exc).__name__, "phase": name},
+        ) from exc
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.monotonic() - start
+    log.info("phase %s done in %.1f s", name, timings[name])
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise JobError(
+            ErrorCode.LOWERING_FAILED,
+            f"device {device!r} requested but this worker has no usable CUDA device",
+            detail={"exception_type": "RuntimeError", "phase": "lower"},
+        )
+
+
+def _failure_message(verification: dict[str, Any]) -> str:
+    bad = next(c for c in verification["cases"] if not c["passed"])
+    tol = f"atol {verification['atol']} + rtol {verification['rtol']} * |expected|"
+    if "error" in bad:
+        return f"case {bad['name']} (sizes {bad['sizes']}): {bad['error']}"
+    idx = bad["worst_output"]
+    err = bad.get("output_errors", [])[idx] if idx is not None else bad["max_abs_error"]
+    return (f"output {idx} (flat index) differs in case {bad['name']} (sizes {bad['sizes']}): "
+            f"max abs error {err:.4g} exceeds {tol}")
+
+
+def run_lowering(
+    *,
+    program_path: Path,
+    out_path: Path,
+    model_name: str,
+    backend_id: str,
+    device: str,
+    options: dict[str, Any],
+    verify: bool,
+    rtol: float,
+    atol: float,
+    provenance: dict[str, Any],
+    on_phase: Callable[[str], None] = lambda phase: None,
+) -> LoweringResult:
+    program_path, out_path = Path(program_path), Path(out_path)
+    result = LoweringResult(toolchain={**probe_toolchain(options), "device": device})
+    timings = result.timings
+
+    on_phase("load")
+    log.info("loading %s", program_path)
+    start = time.monotonic()
+    # Loaded twice: lowering mutates its program's buffers (the delegate export
+    # runs the model), and the archive must carry the untouched original.
+    original = load_program(program_path)
+    to_lower = load_program(program_path)
+    timings["load"] = time.monotonic() - start
+
+    with _phase("lower", timings, on_phase):
+        _check_device(device)
+        delegate, aoti_files = lower_program(
+            to_lower, model_name=model_name, backend_id=backend_id, device=device, options=options
+        )
+
+    def record() -> dict[str, Any]:
+        return {**provenance, "model_name": model_name, "backend_id": backend_id,
+                "device": device, "options": dict(options), "toolchain": result.toolchain,
+                "verification": result.verification, "timings": dict(timings)}
+
+    def package(path: Path) -> None:
+        write_archive(path, model_name=model_name, backend_id=backend_id, original=original,
+                      delegate=delegate, aoti_files=aoti_files, provenance=record())
+
+    if not verify:
+        with _phase("package", timings, on_phase):
+            package(out_path)
+        return result
+
+    # The verified archive is re-written with the verification result in its
+    # provenance; only the extra file differs, the compiled files are reused.
+    draft = out_path.with_name(f".{out_path.stem}.unverified.pt2")
+    try:
+        with _phase("package", timings, on_phase):
+            package(draft)
+        with _phase("verify", timings, on_phase, code=ErrorCode.VERIFICATION_FAILED):
+            result.verification = verify_archive(
+                archive_path=draft, program=original, model_name=model_name,
+                backend_id=backend_id, device=device, rtol=rtol, atol=atol,
+            )
+        if not result.verification["passed"]:
+            raise JobError(ErrorCode.VERIFICATION_FAILED, _failure_message(result.verification),
+                           detail=result.verification)
+        with _phase("package", timings, lambda _: None):
+            package(out_path)
+    finally:
+        draft.unlink(missing_ok=True)
+    return result
