@@ -139,8 +139,12 @@ def _lower(job: dict[str, Any], settings: Settings, store: JobStore, out_path: P
         rtol=job["rtol"],
         atol=job["atol"],
         provenance=provenance,
-        on_phase=lambda phase: store.update_running(job["id"], phase=phase),
+        on_phase=lambda phase: _set_phase(store, job["id"], phase),
     )
+
+
+def _set_phase(store: JobStore, job_id: str, phase: str) -> None:
+    store.update_running(job_id, phase=phase)
 
 
 @contextlib.contextmanager
