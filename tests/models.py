@@ -119,6 +119,17 @@ def _slow() -> ExportedProgram:
     return torch.export.export(_Slow().eval(), (torch.randn(4, 32),))
 
 
+class _MaskedMean(nn.Module):
+    """A data-dependent row count that stays inside the graph: lowering fails (FACTS.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[x[:, 0] > 0].mean(0)
+
+
+def _masked_mean() -> ExportedProgram:
+    return torch.export.export(_MaskedMean().eval(), (torch.randn(6, 4),))
+
+
 def _custom_output() -> ExportedProgram:
     from tests.pytree_types import export_custom_output
 
@@ -134,6 +145,7 @@ BUILDERS: dict[str, Callable[[], ExportedProgram]] = {
     "counter": _counter,
     "slow": _slow,
     "custom_output": _custom_output,
+    "masked_mean": _masked_mean,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(BUILDERS)
 

@@ -106,3 +106,17 @@ def test_timeout_then_restart_keeps_jobs_and_preloads(
         artifact = http.get(job["artifact"]["url"])
         assert artifact.status_code == 200 and artifact.content == done.content
         assert http.get(f"/v1/lowerings/{slow_id}").json()["error"]["code"] == "timeout"
+
+
+def test_failure_inside_torch_is_a_failed_job(
+    client: httpx.Client, server: Server, programs: Path
+) -> None:
+    response = submit(client, programs / "masked_mean.pt2", wait=600, model_name="masked")
+    assert response.status_code == 422, response.text
+    job = response.json()
+    assert job["status"] == "failed"
+    error = job["error"]
+    assert error["code"] == "lowering_failed", error
+    assert error["detail"]["exception_type"] in error["message"]
+    assert error["detail"]["exception_type"] in error["detail"]["log_tail"]
+    assert client.get("/healthz").status_code == 200
