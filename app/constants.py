@@ -43,4 +43,9 @@ class ErrorCode(enum.StrEnum):
     WORKER_CRASHED = "worker_crashed"
     INTERRUPTED = "interrupted"
     STORAGE_FULL = "storage_full"
+    RESOURCE_LIMIT = "resource_limit"
     INTERNAL = "internal_error"
+
+# Bump when the lowering code changes what an artifact contains: it is part of the
+# cache key, so old results stop being served as hits.
+LOWERING_VERSION = "1"

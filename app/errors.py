@@ -7,6 +7,7 @@ ServiceError (500)            anything we did not foresee; the body says nothing
  ├── PayloadTooLarge (413)    upload over LOWERING_MAX_UPLOAD_BYTES
  ├── UnsupportedMediaType (415) not multipart, or an upload that is not a zip
  ├── Unprocessable (422)      well-formed but unacceptable: pattern, device, option
+ ├── TooManyRequests (429)    the queue is full (LOWERING_MAX_QUEUED); carries Retry-After
  ├── PreconditionFailed (412) artifact bytes no longer match their sha256
  └── NotReady (503)           the worker pool is not up yet
 
@@ -66,6 +67,11 @@ class UnsupportedMediaType(ServiceError):
 class Unprocessable(ServiceError):
     status = 422
     code = "invalid_parameter"
+
+
+class TooManyRequests(ServiceError):
+    status = 429
+    code = "queue_full"
 
 
 class NotReady(ServiceError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,7 +36,13 @@ def recover_jobs(store: JobStore, executor: ProcessExecutor) -> None:
                 "detail": {},
             })
     for job_id in store.ids_with_status(statuses=[JobStatus.QUEUED]):
-        executor.submit(job_id)
+        job = store.get(job_id)
+        if job is None:
+            continue
+        if job["parent_id"] is None:
+            executor.submit(job_id)
+        else:  # attached to another job: settles with it (now, if that one is done)
+            executor.settle(job["parent_id"])
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.artifacts = ArtifactStore(settings.artifacts_dir)
         app.state.executor = executor
+        app.state.admit_lock = asyncio.Lock()
         recover_jobs(store, executor)
         try:
             yield

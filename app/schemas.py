@@ -51,6 +51,11 @@ class LoweringPublic(BaseModel):
     toolchain: dict[str, Any] | None = None
     worker_pid: int | None = None
     attempts: int = 0
+    cache_hit: bool = Field(False, description="served from an identical earlier lowering")
+    coalesced_with: str | None = Field(
+        None, description="id of the identical job this one waited on instead of compiling")
+    resources: dict[str, Any] | None = Field(
+        None, description="worker cpu_s, children_cpu_s (g++), peak_rss_bytes")
 
     @classmethod
     def from_job(cls, job: dict[str, Any]) -> LoweringPublic:
@@ -65,6 +70,7 @@ class LoweringPublic(BaseModel):
         fields["input"] = InputInfo(sha256=job["input_sha256"], size_bytes=job["input_size_bytes"])
         fields["artifact"] = artifact
         fields["timings"] = job["timings"] or {}
+        fields["coalesced_with"] = job.get("parent_id")
         return cls(**fields)
 
 

@@ -18,6 +18,13 @@ def _default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 16 * 1024**3
+
+
 class Settings(BaseSettings):
     """Service settings. Environment: ``LOWERING_<FIELD>`` (e.g. ``LOWERING_WORKERS=4``)."""
 
@@ -33,6 +40,9 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(1800.0, gt=0)
     max_jobs_per_worker: int = Field(50, ge=1, description="recycle a worker after this many")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0)
+    max_queued: int = Field(64, ge=1, description="queued lowerings beyond which submit is 429")
+    cache: bool = Field(True, description="serve identical submissions from the result cache")
+    prime_workers: bool = Field(True, description="a tiny lowering in each worker before ready")
     max_wait_s: float = Field(3600.0, ge=0, description="cap on ?wait=")
     preload_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -41,6 +51,17 @@ class Settings(BaseSettings):
     inductor_cache_dir: Path | None = Field(
         None, description="TORCHINDUCTOR_CACHE_DIR shared by workers; default data_dir/inductor"
     )
+    job_max_memory_bytes: int = Field(
+        default_factory=lambda: _physical_memory_bytes() * 3 // 4, gt=0,
+        description="address-space cap of each worker (RLIMIT_AS)")
+    job_max_cpu_s: float | None = Field(
+        None, gt=0, description="CPU seconds a job's worker may use; default 4 x job_timeout_s")
+    job_max_file_bytes: int = Field(32 * 1024**3, gt=0,
+                                    description="largest file a job may write (RLIMIT_FSIZE)")
+    max_artifact_bytes: int = Field(16 * 1024**3, gt=0, description="largest archive written")
+    isolate_network: bool = Field(
+        True, description="workers drop into an empty network namespace where allowed "
+        "(only with a file database: workers must reach the DB)")
     verify_rtol: float = Field(1e-4, ge=0)
     verify_atol: float = Field(1e-4, ge=0)
     log_level: str = "info"
@@ -59,6 +80,10 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @property
+    def cpu_limit_s(self) -> float:
+        return self.job_max_cpu_s or 4 * self.job_timeout_s
 
     @cached_property
     def db_url(self) -> str:

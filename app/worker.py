@@ -14,14 +14,14 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from app import __version__
+from app import __version__, sandbox
 from app.constants import ErrorCode, JobStatus
 from app.errors import JobError
 from app.jobs.store import JobStore
@@ -34,12 +34,17 @@ LOG_TAIL_BYTES = 4000
 _settings: Settings | None = None
 _store: JobStore | None = None
 _preload_errors: dict[str, str] = {}
+_worker_info: dict[str, Any] = {}
 
 
 def init_worker(settings_data: dict[str, Any]) -> None:
-    """Pool initializer: settings, shared inductor cache, preload modules, torch."""
+    """Pool initializer: guards, shared inductor cache, preloads, torch, priming."""
     global _settings, _store
     _settings = Settings(**settings_data)
+    sandbox.die_with_parent()
+    sandbox.limit_address_space(_settings.job_max_memory_bytes)
+    if _settings.isolate_network and _settings.db_url.startswith("sqlite"):
+        _worker_info["network_isolated"] = sandbox.drop_network()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_settings.inductor_dir)
     # Defence in depth: any torch.load torch does on our behalf refuses pickled code.
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
@@ -50,7 +55,18 @@ def init_worker(settings_data: dict[str, Any]) -> None:
         except Exception as exc:  # a bad preload must not stop the worker; jobs say why
             _preload_errors[name] = f"{type(exc).__name__}: {exc}"
             print(f"preload of {name!r} failed: {exc}", file=sys.stderr)
-    importlib.import_module("app.lowering")
+    lowering = importlib.import_module("app.lowering")
+    lowering.use_cache_dir(_settings.inductor_dir)
+    if _settings.prime_workers:
+        scratch = _settings.scratch_dir / f"prime-{os.getpid()}"
+        try:
+            with sandbox.private_tmpdir(scratch / "tmp"):
+                _worker_info["primed_s"] = round(lowering.prime(scratch), 2)
+        except Exception as exc:  # a worker that cannot prime can still try real jobs
+            _worker_info["prime_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"priming failed: {exc}", file=sys.stderr)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def probe() -> dict[str, Any]:
@@ -60,6 +76,7 @@ def probe() -> dict[str, Any]:
     info = probe_toolchain()
     info["pid"] = os.getpid()
     info["preload_errors"] = dict(_preload_errors)
+    info.update(_worker_info)
     # Plain JSON types only: torch.__version__ is a torch class, and unpickling it in
     # the API process would import torch there.
     return json.loads(json.dumps(info, default=str))
@@ -78,44 +95,37 @@ def run_job(job_id: str) -> str:
     )
     if not moved:  # cancelled or deleted while it waited
         return "skipped"
-    log_path = settings.logs_dir / f"{job_id}.log"
     scratch = settings.scratch_dir / job_id
-    scratch.mkdir(parents=True, exist_ok=True)
-    out_path = scratch / "artifact.pt2"
-    timings = dict(job["timings"] or {})
+    before = sandbox.Usage.now()
+    sandbox.reset_peak_rss()
     try:
-        with _job_log(log_path):
-            try:
-                result = _lower(job, settings, store, out_path)
-                sha256, size = ArtifactStore(settings.artifacts_dir).put(out_path)
-            except JobError as exc:
-                log.error("job failed: %s", exc)
-                raise
-            except OSError as exc:
-                log.exception("storage error")
-                raise JobError(ErrorCode.STORAGE_FULL if exc.errno in (28, 27, 122)
-                               else ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
-            except Exception as exc:
-                log.exception("unexpected error")
-                raise JobError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
+        with _job_log(settings.logs_dir / f"{job_id}.log"), \
+                sandbox.private_tmpdir(scratch / "tmp"), \
+                sandbox.cpu_time_limit(settings.cpu_limit_s), \
+                sandbox.file_size_limit(settings.job_max_file_bytes):
+            result, sha256, size = _produce(job, settings, store, scratch)
     except JobError as exc:
         error = exc.as_dict()
         if exc.code in (ErrorCode.LOWERING_FAILED, ErrorCode.INTERNAL):
-            error["detail"]["log_tail"] = read_log_tail(log_path)
-        store.transition(job_id, from_=[JobStatus.RUNNING], to=JobStatus.FAILED, error=error)
+            error["detail"]["log_tail"] = read_log_tail(settings.logs_dir / f"{job_id}.log")
+        store.transition(job_id, from_=[JobStatus.RUNNING], to=JobStatus.FAILED, error=error,
+                         resources=sandbox.job_resources(before))
         return JobStatus.FAILED.value
     finally:
-        _remove_tree(scratch)
-    timings.update(result.timings)
+        shutil.rmtree(scratch, ignore_errors=True)
+    timings = {**(job["timings"] or {}), **result.timings}
     done = store.transition(
         job_id, from_=[JobStatus.RUNNING], to=JobStatus.SUCCEEDED,
         artifact_sha256=sha256, artifact_size_bytes=size, timings=timings,
         verification=finite(result.verification), toolchain=result.toolchain,
+        resources=sandbox.job_resources(before),
     )
     return JobStatus.SUCCEEDED.value if done else "superseded"
 
 
-def _lower(job: dict[str, Any], settings: Settings, store: JobStore, out_path: Path) -> Any:
+def _produce(job: dict[str, Any], settings: Settings, store: JobStore,
+             scratch: Path) -> tuple[Any, str, int]:
+    """Lower the job's upload and store the archive; every failure is a JobError."""
     from app.lowering import run_lowering
 
     log.info("lowering job %s: model_name=%s backend_id=%s device=%s options=%s",
@@ -125,22 +135,38 @@ def _lower(job: dict[str, Any], settings: Settings, store: JobStore, out_path: P
         "service_version": __version__,
         "job_id": job["id"],
         "input_sha256": job["input_sha256"],
-        "model_name": job["model_name"],
-        "backend_id": job["backend_id"],
     }
-    return run_lowering(
-        program_path=settings.uploads_dir / f"{job['id']}.pt2",
-        out_path=out_path,
-        model_name=job["model_name"],
-        backend_id=job["backend_id"],
-        device=job["device"],
-        options=job["options"],
-        verify=job["verify"],
-        rtol=job["rtol"],
-        atol=job["atol"],
-        provenance=provenance,
-        on_phase=lambda phase: _set_phase(store, job["id"], phase),
-    )
+    out_path = scratch / "artifact.pt2"
+    try:
+        result = run_lowering(
+            program_path=settings.uploads_dir / f"{job['id']}.pt2",
+            out_path=out_path,
+            model_name=job["model_name"],
+            backend_id=job["backend_id"],
+            device=job["device"],
+            options=job["options"],
+            verify=job["verify"],
+            rtol=job["rtol"],
+            atol=job["atol"],
+            provenance=provenance,
+            on_phase=lambda phase: _set_phase(store, job["id"], phase),
+            max_artifact_bytes=settings.max_artifact_bytes,
+        )
+        sha256, size = ArtifactStore(settings.artifacts_dir).put(out_path)
+    except JobError as exc:
+        log.error("job failed: %s", exc)
+        raise
+    except MemoryError as exc:
+        raise JobError(ErrorCode.RESOURCE_LIMIT, "the job ran out of its memory allowance "
+                       "(LOWERING_JOB_MAX_MEMORY_BYTES)") from exc
+    except OSError as exc:
+        log.exception("storage error")
+        code = ErrorCode.STORAGE_FULL if exc.errno in sandbox.SPACE_ERRNOS else ErrorCode.INTERNAL
+        raise JobError(code, f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        log.exception("unexpected error")
+        raise JobError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
+    return result, sha256, size
 
 
 def _set_phase(store: JobStore, job_id: str, phase: str) -> None:
@@ -198,11 +224,3 @@ def read_log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
         return ""
 
 
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import multiprocessing
+import signal
 import threading
 from typing import Any
 
@@ -17,11 +18,14 @@ from pebble import ProcessExpired, ProcessFuture, ProcessPool
 
 from app import worker
 from app.constants import ErrorCode, JobStatus
+from app.jobs.cache import settle_children
 from app.jobs.store import JobStore
 from app.settings import Settings
 
 log = logging.getLogger("app.executors")
 ACTIVE = [JobStatus.QUEUED, JobStatus.RUNNING]
+# A worker killed by the kernel for exceeding RLIMIT_CPU / RLIMIT_FSIZE exits with these.
+LIMIT_SIGNALS = {-signal.SIGXCPU, -signal.SIGXFSZ}
 
 
 class ProcessExecutor:
@@ -82,16 +86,36 @@ class ProcessExecutor:
         with self._lock:
             self._futures.pop(job_id, None)
         if future.cancelled():
-            return  # the cancel route has already recorded it
+            return  # the cancel route has recorded it and settles its followers
         exc = future.exception()
-        if exc is None:
+        if exc is not None:
+            self._record_failure(job_id, exc)
+        self.settle(job_id)
+
+    def settle(self, job_id: str) -> None:
+        """Finish the identical jobs that waited on ``job_id``; submit a new leader."""
+        try:
+            successor = settle_children(self.store, job_id)
+        except Exception:  # never let bookkeeping kill pebble's callback thread
+            log.exception("settling the followers of %s failed", job_id)
             return
+        if successor is not None:
+            self.submit(successor)
+
+    def _record_failure(self, job_id: str, exc: BaseException) -> None:
         if isinstance(exc, TimeoutError):
             error = {
                 "code": ErrorCode.TIMEOUT.value,
                 "message": f"lowering took longer than {self.settings.job_timeout_s:g} s "
                 "(LOWERING_JOB_TIMEOUT_S); the worker was stopped",
                 "detail": {"timeout_s": self.settings.job_timeout_s},
+            }
+        elif isinstance(exc, ProcessExpired) and exc.exitcode in LIMIT_SIGNALS:
+            error = {
+                "code": ErrorCode.RESOURCE_LIMIT.value,
+                "message": "the worker hit a resource limit (CPU time or file size: "
+                "LOWERING_JOB_MAX_CPU_S, LOWERING_JOB_MAX_FILE_BYTES) and was replaced",
+                "detail": {"exitcode": exc.exitcode, "pid": exc.pid},
             }
         elif isinstance(exc, ProcessExpired):
             error = {

@@ -43,9 +43,17 @@ lowerings = Table(
     Column("toolchain", JSON),
     Column("worker_pid", Integer),
     Column("attempts", Integer, nullable=False, default=0),
+    Column("resources", JSON),
+    # Cache: the key of everything that shapes the artifact; a coalesced job points at
+    # the job doing the work (parent_id) and finishes with it.
+    Column("cache_key", String(64)),
+    Column("cache_hit", Boolean, nullable=False, default=False),
+    Column("parent_id", String(32)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
     Index("ix_lowerings_status_seq", "status", "seq"),
     Index("ix_lowerings_model_seq", "model_name", "seq"),
+    Index("ix_lowerings_cache_key", "cache_key", "status"),
+    Index("ix_lowerings_parent", "parent_id"),
 )

@@ -7,13 +7,26 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, select, update
+from sqlalchemy import Engine, create_engine, event, func, insert, select, update
 from sqlalchemy import delete as sql_delete
+from sqlalchemy.exc import OperationalError
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from app.constants import JobStatus
 from app.jobs.models import lowerings, metadata
 
 Job = dict[str, Any]
+
+
+def _is_busy(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, OperationalError) and ("locked" in text or "busy" in text)
+
+
+# SQLite answers "database is locked" when writers collide past its busy timeout;
+# such a write is retried, never turned into a 500.
+retry_busy = retry(retry=retry_if_exception(_is_busy), stop=stop_after_delay(60),
+                   wait=wait_random_exponential(multiplier=0.05, max=1.0), reraise=True)
 
 
 def utcnow() -> dt.datetime:
@@ -50,12 +63,14 @@ class JobStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    @retry_busy
     def create(self, **fields: Any) -> Job:
         row = {
             "id": uuid.uuid4().hex,
             "status": JobStatus.QUEUED.value,
             "timings": {},
             "attempts": 0,
+            "cache_hit": False,
             "created_at": utcnow(),
             **fields,
         }
@@ -95,6 +110,7 @@ class JobStore:
         with self.engine.connect() as conn:
             return [row[0] for row in conn.execute(query.order_by(lowerings.c.seq))]
 
+    @retry_busy
     def transition(
         self, job_id: str, *, from_: Iterable[JobStatus], to: JobStatus, **fields: Any
     ) -> bool:
@@ -114,6 +130,7 @@ class JobStore:
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount == 1
 
+    @retry_busy
     def update_running(self, job_id: str, **fields: Any) -> bool:
         """Record progress (phase, timings) of a job that is still running."""
         query = (
@@ -125,14 +142,50 @@ class JobStore:
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount == 1
 
+    @retry_busy
     def delete(self, job_id: str) -> bool:
         with self.engine.begin() as conn:
             return conn.execute(sql_delete(lowerings).where(lowerings.c.id == job_id)).rowcount == 1
 
     def count_artifact_refs(self, *, sha256: str) -> int:
-        query = select(lowerings.c.id).where(lowerings.c.artifact_sha256 == sha256)
+        return self._count(lowerings.c.artifact_sha256 == sha256)
+
+    def count_waiting(self) -> int:
+        """Queued jobs that will need a worker (coalesced ones ride along)."""
+        return self._count((lowerings.c.status == JobStatus.QUEUED.value)
+                           & lowerings.c.parent_id.is_(None))
+
+    def _count(self, where: Any) -> int:
         with self.engine.connect() as conn:
-            return len(conn.execute(query).all())
+            return int(conn.execute(select(func.count()).where(where)).scalar_one())
+
+    def find_by_key(self, *, cache_key: str, statuses: Iterable[JobStatus]) -> Job | None:
+        """The newest job with this cache key in one of ``statuses`` that does the work."""
+        query = (
+            select(lowerings)
+            .where(lowerings.c.cache_key == cache_key)
+            .where(lowerings.c.status.in_([s.value for s in statuses]))
+            .where(lowerings.c.parent_id.is_(None))
+            .order_by(lowerings.c.seq.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return _as_job(row._mapping) if row is not None else None
+
+    def children_of(self, parent_id: str) -> list[Job]:
+        query = select(lowerings).where(lowerings.c.parent_id == parent_id)
+        with self.engine.connect() as conn:
+            return [_as_job(row._mapping) for row in conn.execute(query.order_by(lowerings.c.seq))]
+
+    @retry_busy
+    def reparent(self, job_ids: Iterable[str], *, parent_id: str | None) -> None:
+        ids = list(job_ids)
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(update(lowerings).where(lowerings.c.id.in_(ids))
+                         .values(parent_id=parent_id))
 
 
 def _as_job(mapping: Any) -> Job:

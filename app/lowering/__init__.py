@@ -3,8 +3,11 @@
 The only package of the app that imports torch; the worker process imports it.
 """
 
+from app.lowering.cachedir import use_cache_dir
 from app.lowering.pipeline import LoweringResult, run_lowering
+from app.lowering.prime import prime
 from app.lowering.toolchain import probe_toolchain
 from app.lowering.verify import verify_archive
 
-__all__ = ["LoweringResult", "probe_toolchain", "run_lowering", "verify_archive"]
+__all__ = ["LoweringResult", "prime", "probe_toolchain", "run_lowering", "use_cache_dir",
+           "verify_archive"]

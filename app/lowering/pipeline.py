@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from app.lowering.lower import lower_program
 from app.lowering.package import write_archive
 from app.lowering.toolchain import probe_toolchain
 from app.lowering.verify import verify_archive
+from app.sandbox import SPACE_ERRNOS, file_size_limit
 
 log = logging.getLogger("app.lowering")
 
@@ -42,6 +44,10 @@ def _phase(name: str, timings: dict[str, float], on_phase: Callable[[str], None]
         raise
     except Exception as exc:
         log.exception("phase %s failed", name)
+        if _out_of_space(exc):
+            code = ErrorCode.STORAGE_FULL
+        elif isinstance(exc, MemoryError):
+            code = ErrorCode.RESOURCE_LIMIT
         raise JobError(
             code,
             f"{type(exc).__name__}: {exc}"[:2000],
@@ -50,6 +56,18 @@ def _phase(name: str, timings: dict[str, float], on_phase: Callable[[str], None]
     finally:
         timings[name] = timings.get(name, 0.0) + time.monotonic() - start
     log.info("phase %s done in %.1f s", name, timings[name])
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """Disk full or a file over the size limit, even when torch wraps the OSError."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in SPACE_ERRNOS:
+            return True
+        if "file too large" in str(seen).lower() or "no space left" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _check_device(device: str) -> None:
@@ -85,6 +103,7 @@ def run_lowering(
     atol: float,
     provenance: dict[str, Any],
     on_phase: Callable[[str], None] = lambda phase: None,
+    max_artifact_bytes: int | None = None,
 ) -> LoweringResult:
     program_path, out_path = Path(program_path), Path(out_path)
     result = LoweringResult(toolchain={**probe_toolchain(options), "device": device})
@@ -111,8 +130,12 @@ def run_lowering(
                 "verification": result.verification, "timings": dict(timings)}
 
     def package(path: Path) -> None:
-        write_archive(path, model_name=model_name, backend_id=backend_id, original=original,
-                      delegate=delegate, aoti_files=aoti_files, provenance=record())
+        limit = (file_size_limit(max_artifact_bytes) if max_artifact_bytes
+                 else contextlib.nullcontext())
+        with limit:
+            write_archive(path, model_name=model_name, backend_id=backend_id,
+                          original=original, delegate=delegate, aoti_files=aoti_files,
+                          provenance=record())
 
     if not verify:
         with _phase("package", timings, on_phase):

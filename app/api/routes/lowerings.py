@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Query, Request, Response
@@ -15,7 +15,8 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from app.api.deps import ArtifactsDep, ExecutorDep, SettingsDep, StoreDep
 from app.api.submit import parse_params
 from app.constants import JobStatus
-from app.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from app.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, TooManyRequests
+from app.jobs.cache import admit, cache_key
 from app.jobs.store import Job, JobStore
 from app.schemas import ErrorBody, LoweringPublic, LoweringsPublic
 from app.storage.uploads import receive_form
@@ -50,6 +51,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _retry_after_s(waiting: int, settings: Any) -> int:
+    # A rough drain time: each worker clears about one typical lowering per ~20 s.
+    return max(5, min(600, int(20 * waiting / max(1, settings.workers))))
+
+
 def _public(job: Job) -> dict[str, Any]:
     return LoweringPublic.from_job(job).model_dump(mode="json")
 
@@ -67,8 +73,15 @@ async def create_lowering(
     request: Request, settings: SettingsDep, store: StoreDep, executor: ExecutorDep,
     artifacts: ArtifactsDep,
     wait: Annotated[float | None, Query(ge=0, description="seconds to hold the request")] = None,
+    cache: Annotated[Literal["use", "bypass"], Query(
+        description="bypass: lower afresh even if an identical result exists")] = "use",
 ) -> Response:
     """Upload a program and queue its lowering; with ?wait, answer with the archive."""
+    waiting = await to_thread.run_sync(store.count_waiting)
+    if waiting >= settings.max_queued:
+        raise TooManyRequests(
+            f"{waiting} lowerings are already queued (LOWERING_MAX_QUEUED="
+            f"{settings.max_queued}); retry later", retry_after_s=_retry_after_s(waiting, settings))
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > (
         settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
@@ -91,11 +104,19 @@ async def create_lowering(
     except BaseException:
         form.discard()
         raise
-    job = await to_thread.run_sync(lambda: store.create(
-        id=job_id, input_sha256=form.sha256, input_size_bytes=form.size_bytes,
-        timings={"validate": round(time.monotonic() - started, 4)}, **params.as_fields(),
-    ))
-    executor.submit(job_id)
+    fields = {
+        "id": job_id, "input_sha256": form.sha256, "input_size_bytes": form.size_bytes,
+        "timings": {"validate": round(time.monotonic() - started, 4)}, **params.as_fields(),
+    }
+    if settings.cache and executor.toolchain is not None:
+        fields["cache_key"] = cache_key(input_sha256=form.sha256, params=params.as_fields(),
+                                        toolchain=executor.toolchain)
+    # One admission at a time, so identical submissions cannot both start a compile.
+    async with request.app.state.admit_lock:
+        job, must_run = await to_thread.run_sync(lambda: admit(
+            store, fields=fields, use_cache=cache == "use", artifact_exists=artifacts.exists))
+    if must_run:
+        executor.submit(job_id)
     if wait is not None:
         job = await _wait_final(store, job_id, min(wait, settings.max_wait_s))
         if job["status"] == JobStatus.SUCCEEDED.value:
@@ -188,6 +209,7 @@ async def cancel_lowering(job_id: str, store: StoreDep, executor: ExecutorDep) -
         raise Conflict(f"lowering {job_id} is {job['status']} and can no longer be cancelled",
                        code="not_cancellable")
     executor.cancel(job_id)
+    await to_thread.run_sync(executor.settle, job_id)
     return _public(await _get_or_404(store, job_id))
 
 
