@@ -1,6 +1,7 @@
 """Errors, each carrying the HTTP status it maps to.
 
 ServiceError (500)            anything we did not foresee; the body says nothing internal
+ ├── ArtifactCorrupt (500)    a stored artifact is gone or no longer matches its sha256
  ├── BadRequest (400)         malformed request: missing field, bad JSON, bad query value
  ├── NotFound (404)           unknown lowering id
  ├── Conflict (409)           a status transition that is not allowed
@@ -8,7 +9,6 @@ ServiceError (500)            anything we did not foresee; the body says nothing
  ├── UnsupportedMediaType (415) not multipart, or an upload that is not a zip
  ├── Unprocessable (422)      well-formed but unacceptable: pattern, device, option
  ├── TooManyRequests (429)    the queue is full (LOWERING_MAX_QUEUED); carries Retry-After
- ├── PreconditionFailed (412) artifact bytes no longer match their sha256
  └── NotReady (503)           the worker pool is not up yet
 
 JobError is not an HTTP error: it is a failed job's (code, message, detail), raised
@@ -34,6 +34,10 @@ class ServiceError(Exception):
         self.extra = extra
 
 
+class ArtifactCorrupt(ServiceError):
+    code = "artifact_corrupt"
+
+
 class BadRequest(ServiceError):
     status = 400
     code = "bad_request"
@@ -47,11 +51,6 @@ class NotFound(ServiceError):
 class Conflict(ServiceError):
     status = 409
     code = "conflict"
-
-
-class PreconditionFailed(ServiceError):
-    status = 412
-    code = "artifact_corrupt"
 
 
 class PayloadTooLarge(ServiceError):

@@ -98,6 +98,7 @@ def run_job(job_id: str) -> str:
     scratch = settings.scratch_dir / job_id
     before = sandbox.Usage.now()
     sandbox.reset_peak_rss()
+    failure: JobError | None = None
     try:
         with _job_log(settings.logs_dir / f"{job_id}.log"), \
                 sandbox.private_tmpdir(scratch / "tmp"), \
@@ -105,14 +106,17 @@ def run_job(job_id: str) -> str:
                 sandbox.file_size_limit(settings.job_max_file_bytes):
             result, sha256, size = _produce(job, settings, store, scratch)
     except JobError as exc:
-        error = exc.as_dict()
-        if exc.code in (ErrorCode.LOWERING_FAILED, ErrorCode.INTERNAL):
+        failure = exc
+    finally:
+        # Before the status changes: whoever sees the final status sees no leftovers.
+        shutil.rmtree(scratch, ignore_errors=True)
+    if failure is not None:
+        error = failure.as_dict()
+        if failure.code in (ErrorCode.LOWERING_FAILED, ErrorCode.INTERNAL):
             error["detail"]["log_tail"] = read_log_tail(settings.logs_dir / f"{job_id}.log")
         store.transition(job_id, from_=[JobStatus.RUNNING], to=JobStatus.FAILED, error=error,
                          resources=sandbox.job_resources(before))
         return JobStatus.FAILED.value
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     timings = {**(job["timings"] or {}), **result.timings}
     done = store.transition(
         job_id, from_=[JobStatus.RUNNING], to=JobStatus.SUCCEEDED,

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -129,3 +130,15 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "tests.models", str(out)], cwd=ROOT, check=True,
                    env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def linear(server: Server, programs: Path) -> dict[str, Any]:
+    """One lowering of the linear model on the shared server, for tests that only read it."""
+    from tests.factories import submit
+
+    with httpx.Client(base_url=server.url, timeout=600) as http:
+        response = submit(http, programs / "linear.pt2", wait=600, model_name="linear")
+        assert response.status_code == 200, response.text
+        job = http.get(f"/v1/lowerings/{response.headers['x-lowering-id']}").json()
+    return {"response": response, "job": job, "archive": response.content}

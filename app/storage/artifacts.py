@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 from app.constants import CHUNK_BYTES
@@ -28,6 +29,10 @@ class ArtifactStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # sha256 -> (inode, size, mtime_ns) of the file last found intact; hashing a
+        # multi-GB archive on every download would be wasteful, a changed file is not.
+        self._intact: dict[str, tuple[int, int, int]] = {}
+        self._lock = threading.Lock()
 
     def path_for(self, sha256: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.pt2"
@@ -46,5 +51,26 @@ class ArtifactStore:
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
 
+    def is_intact(self, sha256: str) -> bool:
+        """True if the stored file's bytes still hash to ``sha256``; a bad file is removed."""
+        path = self.path_for(sha256)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return False
+        stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if self._intact.get(sha256) == stamp:
+                return True
+        if sha256_file(path)[0] != sha256:
+            # Never serve it again; an identical submission will lower it afresh.
+            self.remove(sha256)
+            return False
+        with self._lock:
+            self._intact[sha256] = stamp
+        return True
+
     def remove(self, sha256: str) -> None:
+        with self._lock:
+            self._intact.pop(sha256, None)
         self.path_for(sha256).unlink(missing_ok=True)

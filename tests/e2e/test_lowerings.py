@@ -18,16 +18,6 @@ from tests.factories import submit, wait_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def linear(server: Server, programs: Path) -> dict[str, Any]:
-    """One lowering of the linear model, shared by the tests that only read it."""
-    with httpx.Client(base_url=server.url, timeout=600) as http:
-        response = submit(http, programs / "linear.pt2", wait=600, model_name="linear")
-        assert response.status_code == 200, response.text
-        job = http.get(f"/v1/lowerings/{response.headers['x-lowering-id']}").json()
-    return {"response": response, "job": job, "archive": response.content}
-
-
 def test_wait_returns_the_archive(linear: dict[str, Any]) -> None:
     response, job = linear["response"], linear["job"]
     assert response.headers["content-type"] == "application/zip"

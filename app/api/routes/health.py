@@ -68,6 +68,7 @@ async def info(settings: SettingsDep, executor: ExecutorDep) -> dict[str, Any]:
             "max_upload_bytes": settings.max_upload_bytes,
             "job_timeout_s": settings.job_timeout_s,
             "max_wait_s": settings.max_wait_s,
+            "archive": settings.archive_limits().as_dict(),
         },
         "verification": {
             "default_rtol": settings.verify_rtol, "default_atol": settings.verify_atol,

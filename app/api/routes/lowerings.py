@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -15,12 +14,20 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from app.api.deps import ArtifactsDep, ExecutorDep, SettingsDep, StoreDep
 from app.api.submit import parse_params
 from app.constants import JobStatus
-from app.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, TooManyRequests
+from app.errors import (
+    ArtifactCorrupt,
+    BadRequest,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+)
 from app.jobs.cache import admit, cache_key
 from app.jobs.store import Job, JobStore
 from app.schemas import ErrorBody, LoweringPublic, LoweringsPublic
+from app.storage.artifacts import ArtifactStore
 from app.storage.uploads import receive_form
-from app.validation.archive import check_program_archive
+from app.validation.gate import admit_upload
 
 router = APIRouter(prefix="/v1/lowerings", tags=["lowerings"])
 MULTIPART_OVERHEAD_BYTES = 1 << 20
@@ -98,12 +105,12 @@ async def create_lowering(
         if form.file_path is None:
             raise BadRequest("form field 'program' (the .pt2 file) is required",
                              code="missing_field")
-        await to_thread.run_sync(check_program_archive, form.file_path)
         job_id = uuid.uuid4().hex
-        os.replace(form.file_path, settings.uploads_dir / f"{job_id}.pt2")
-    except BaseException:
+        # Only the gate's rebuilt copy of the validated members ever reaches a worker.
+        await to_thread.run_sync(admit_upload, form.file_path,
+                                 settings.uploads_dir / f"{job_id}.pt2", settings.archive_limits())
+    finally:
         form.discard()
-        raise
     fields = {
         "id": job_id, "input_sha256": form.sha256, "input_size_bytes": form.size_bytes,
         "timings": {"validate": round(time.monotonic() - started, 4)}, **params.as_fields(),
@@ -114,13 +121,13 @@ async def create_lowering(
     # One admission at a time, so identical submissions cannot both start a compile.
     async with request.app.state.admit_lock:
         job, must_run = await to_thread.run_sync(lambda: admit(
-            store, fields=fields, use_cache=cache == "use", artifact_exists=artifacts.exists))
+            store, fields=fields, use_cache=cache == "use", artifact_exists=artifacts.is_intact))
     if must_run:
         executor.submit(job_id)
     if wait is not None:
         job = await _wait_final(store, job_id, min(wait, settings.max_wait_s))
         if job["status"] == JobStatus.SUCCEEDED.value:
-            return _artifact_response(job, artifacts, request)
+            return await _artifact_response(job, artifacts, request)
         if job["status"] in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
             return JSONResponse(_public(job), status_code=422)
     return JSONResponse(_public(job), status_code=202,
@@ -173,20 +180,21 @@ async def get_artifact(
     if job["status"] != JobStatus.SUCCEEDED.value:
         raise Conflict(f"lowering {job_id} is {job['status']}; the artifact exists once it "
                        "has succeeded", code="artifact_not_ready")
-    return _artifact_response(job, artifacts, request)
+    return await _artifact_response(job, artifacts, request)
 
 
-def _artifact_response(job: Job, artifacts: Any, request: Request) -> Response:
+async def _artifact_response(job: Job, artifacts: ArtifactStore, request: Request) -> Response:
     etag = f'"{job["artifact_sha256"]}"'
     headers = {"ETag": etag, "X-Lowering-Id": job["id"], "Cache-Control": "private, max-age=0"}
     if request.method == "GET" and etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
-    path = artifacts.path_for(job["artifact_sha256"])
-    if not path.is_file():
-        raise NotFound(f"the artifact of lowering {job['id']} is missing from storage",
-                       code="artifact_missing")
-    return FileResponse(path, media_type="application/zip", headers=headers,
-                        filename=f"{job['model_name']}-{job['backend_id']}.pt2")
+    sha256 = job["artifact_sha256"]
+    if not await to_thread.run_sync(artifacts.is_intact, sha256):
+        raise ArtifactCorrupt(
+            f"the stored artifact of lowering {job['id']} is missing or no longer matches its "
+            "sha256 and will not be served; submit the program again with ?cache=bypass")
+    return FileResponse(artifacts.path_for(sha256), media_type="application/zip",
+                        headers=headers, filename=f"{job['model_name']}-{job['backend_id']}.pt2")
 
 
 @router.get("/{job_id}/log", response_class=PlainTextResponse, responses=_ERRORS)
