@@ -11,6 +11,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.validation.limits import ArchiveLimits
+
 
 def _default_workers() -> int:
     # Each lowering is mostly one g++ process; one worker per core keeps the host busy
@@ -65,6 +67,18 @@ class Settings(BaseSettings):
     verify_rtol: float = Field(1e-4, ge=0)
     verify_atol: float = Field(1e-4, ge=0)
     log_level: str = "info"
+    archive_max_members: int = Field(100_000, ge=1, description="zip entries in an upload")
+    archive_max_total_bytes: int | None = Field(
+        None, gt=0, description="uncompressed size of all members; default 2 x max_upload_bytes")
+    archive_max_member_bytes: int | None = Field(
+        None, gt=0, description="uncompressed size of one member; default the total cap")
+    archive_max_ratio: int = Field(100, ge=1, description="uncompressed/compressed, per member")
+    archive_max_inputs_bytes: int = Field(256 * 1024**2, gt=0,
+                                          description="size of the example-inputs member")
+    archive_max_tensor_bytes: int | None = Field(
+        None, gt=0, description="bytes one declared tensor may take; default the member cap")
+    graph_max_json_bytes: int = Field(256 * 1024**2, gt=0, description="one JSON member")
+    graph_max_depth: int = Field(200, ge=8, description="JSON nesting depth")
 
     @field_validator("preload_modules", mode="before")
     @classmethod
@@ -108,6 +122,18 @@ class Settings(BaseSettings):
     @cached_property
     def inductor_dir(self) -> Path:
         return (self.inductor_cache_dir or self.data_dir / "inductor").expanduser().resolve()
+
+    def archive_limits(self) -> ArchiveLimits:
+        """The upload gate's caps, with the derived defaults filled in."""
+        total = self.archive_max_total_bytes or 2 * self.max_upload_bytes
+        member = self.archive_max_member_bytes or total
+        return ArchiveLimits(
+            max_members=self.archive_max_members, max_member_bytes=member,
+            max_total_bytes=total, max_ratio=self.archive_max_ratio,
+            max_json_bytes=self.graph_max_json_bytes, max_json_depth=self.graph_max_depth,
+            max_inputs_bytes=self.archive_max_inputs_bytes,
+            max_tensor_bytes=self.archive_max_tensor_bytes or member,
+        )
 
     def ensure_dirs(self) -> None:
         for path in (self.uploads_dir, self.artifacts_dir, self.logs_dir, self.scratch_dir,

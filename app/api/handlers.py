@@ -7,10 +7,12 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from app.errors import ServiceError
+from app.jobs.store import is_busy
 
 log = logging.getLogger("app.api")
 
@@ -52,6 +54,15 @@ def register_exception_handlers(app: FastAPI) -> None:
     async def _disconnect(_: Request, exc: ClientDisconnect) -> JSONResponse:
         # Nobody is listening; the upload was already discarded.
         return error_response(400, "client_disconnected", "the client went away mid-request")
+
+    @app.exception_handler(OperationalError)
+    async def _database(_: Request, exc: OperationalError) -> JSONResponse:
+        if not is_busy(exc):
+            return await _unexpected(_, exc)
+        # Writers were retried for a minute and the database is still locked.
+        response = error_response(503, "database_busy", "the job database is busy; retry soon")
+        response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -18,14 +18,14 @@ from app.jobs.models import lowerings, metadata
 Job = dict[str, Any]
 
 
-def _is_busy(exc: BaseException) -> bool:
+def is_busy(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, OperationalError) and ("locked" in text or "busy" in text)
 
 
 # SQLite answers "database is locked" when writers collide past its busy timeout;
 # such a write is retried, never turned into a 500.
-retry_busy = retry(retry=retry_if_exception(_is_busy), stop=stop_after_delay(60),
+retry_busy = retry(retry=retry_if_exception(is_busy), stop=stop_after_delay(60),
                    wait=wait_random_exponential(multiplier=0.05, max=1.0), reraise=True)
 
 

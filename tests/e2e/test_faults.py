@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 
 from tests.conftest import ROOT, Server
-from tests.factories import submit, wait_for
+from tests.factories import leftover_uploads, submit, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -120,3 +124,87 @@ def test_failure_inside_torch_is_a_failed_job(
     assert error["detail"]["exception_type"] in error["message"]
     assert error["detail"]["exception_type"] in error["detail"]["log_tail"]
     assert client.get("/healthz").status_code == 200
+
+
+def test_restart_reruns_running_and_queued_jobs(
+    start_server: Callable[..., Server], programs: Path, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    first = start_server(data_dir, workers=1)
+    with first.client() as http:
+        running = submit(http, programs / "slow.pt2", model_name="interrupted").json()["id"]
+        worker_pid = wait_for(http, running, until={"running"}, phase="lower")["worker_pid"]
+        queued = submit(http, programs / "kwargs.pt2", model_name="waiting").json()["id"]
+        assert http.get(f"/v1/lowerings/{queued}").json()["status"] == "queued"
+    first.stop()
+    assert _gone(worker_pid), "a worker outlived its server"
+
+    second = start_server(data_dir, workers=1)
+    with second.client() as http:
+        rerun = wait_for(http, running, timeout_s=300)
+        later = wait_for(http, queued, timeout_s=300)
+    assert rerun["status"] == "succeeded" and rerun["attempts"] == 2
+    assert later["status"] == "succeeded" and later["attempts"] == 1
+
+
+def test_client_disconnect_mid_upload_leaves_nothing(
+    client: httpx.Client, server: Server
+) -> None:
+    before = len(client.get("/v1/lowerings", params={"limit": 500}).json()["items"])
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (b"--b\r\nContent-Disposition: form-data; name=\"model_name\"\r\n\r\nm\r\n"
+            b"--b\r\nContent-Disposition: form-data; name=\"program\"; filename=\"m.pt2\"\r\n"
+            b"\r\n")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/lowerings HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 5000000\r\n\r\n" + head + b"\0" * 2_000_000)
+        time.sleep(0.5)
+        assert leftover_uploads(server.data_dir), "the upload should be in progress"
+    deadline = time.monotonic() + 10
+    while leftover_uploads(server.data_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftover_uploads(server.data_dir) == []
+    assert len(client.get("/v1/lowerings", params={"limit": 500}).json()["items"]) == before
+
+
+def test_sqlite_busy_is_waited_out_not_a_500(
+    client: httpx.Client, server: Server, linear: dict[str, Any], programs: Path
+) -> None:
+    db = sqlite3.connect(server.data_dir / "jobs.db", timeout=30, check_same_thread=False)
+    db.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(2.0, db.rollback)
+    release.start()
+    try:
+        started = time.monotonic()
+        hit = submit(client, programs / "linear.pt2", model_name="linear")  # a write
+        listing = client.get("/v1/lowerings")
+        assert time.monotonic() - started >= 1.5, "the lock was not held"
+    finally:
+        release.join()
+        db.close()
+    assert hit.status_code == 202 and hit.json()["cache_hit"] is True, hit.text
+    assert listing.status_code == 200
+
+
+def test_corrupt_artifact_is_never_served(
+    client: httpx.Client, server: Server, programs: Path
+) -> None:
+    done = submit(client, programs / "linear.pt2", wait=600, model_name="to_corrupt",
+                  verify=False)
+    assert done.status_code == 200, done.text
+    job = client.get(f"/v1/lowerings/{done.headers['x-lowering-id']}").json()
+    sha = job["artifact"]["sha256"]
+    path = server.data_dir / "artifacts" / sha[:2] / f"{sha}.pt2"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    response = client.get(job["artifact"]["url"])
+    assert response.status_code == 500 and response.json()["error"]["code"] == "artifact_corrupt"
+    assert bytes(data) not in response.content
+    # An identical submission is not answered from the broken file: it lowers again.
+    again = submit(client, programs / "linear.pt2", wait=600, model_name="to_corrupt",
+                   verify=False)
+    assert again.status_code == 200, again.text
+    fresh = client.get(f"/v1/lowerings/{again.headers['x-lowering-id']}").json()
+    assert fresh["cache_hit"] is False

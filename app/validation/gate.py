@@ -1,0 +1,103 @@
+"""The upload gate: admit a ``.pt2`` only if nothing in it can run code, then rebuild it.
+
+Loading an untrusted ``.pt2`` with torch is code execution (pickled weights, sympy
+``eval``, names pasted into generated code, compiled libraries, zip tricks). The gate
+runs in the API process, never imports torch, never unpickles or evaluates anything,
+and checks, in order:
+
+1. zip framing (zipcheck.py): a zip, no encryption, unique safe names, members tiling
+   the file with no gaps or overlaps, size, count and ratio caps;
+2. layout (layout.py): only the members torch.export.save writes for one program;
+3. the graph JSON (graph.py, exprs.py), the weights/constants configs (payloads.py)
+   and the example-inputs pickle (pickles.py);
+4. then writes a fresh zip of exactly those members' bytes (rebuild.py), CRC-checked.
+
+Only the rebuilt file ever reaches a worker. Every refusal is one of the service's
+4xx errors naming the member and the rule; any other failure while reading the
+upload becomes ``not_a_pt2_archive``.
+"""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.errors import ServiceError, Unprocessable, UnsupportedMediaType
+from app.validation.graph import check_graph
+from app.validation.jsondoc import graph_error, load_json
+from app.validation.layout import FIXED_MEMBERS, Layout, check_fixed, layout_error, plan_layout
+from app.validation.limits import ArchiveLimits
+from app.validation.payloads import check_payload_config
+from app.validation.pickles import check_example_inputs
+from app.validation.rebuild import rebuild
+from app.validation.zipcheck import read_member, scan_zip
+
+__all__ = ["ArchiveLimits", "GateReport", "admit_upload"]
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """What the gate admitted: the program's name, member count and sizes, time taken."""
+
+    model: str
+    members: int
+    uncompressed_bytes: int
+    rebuilt_bytes: int
+    elapsed_s: float
+
+
+def admit_upload(src: Path, dest: Path, limits: ArchiveLimits) -> GateReport:
+    """Validate the upload at ``src`` and write the rebuilt archive to ``dest``.
+
+    Raises only ServiceError subclasses: 415 ``not_a_pt2_archive``, 413
+    ``archive_too_large``, 422 ``unsafe_member_name`` / ``unsupported_layout`` /
+    ``unsafe_pickle`` / ``unsafe_graph`` / ``missing_example_inputs``; a plain
+    ServiceError (500) if ``dest`` cannot be written. ``dest`` exists only on success.
+    """
+    started = time.monotonic()
+    try:
+        with src.open("rb") as fh:
+            size = fh.seek(0, 2)
+            archive, members = scan_zip(fh, size, limits)
+            with archive:
+                layout = plan_layout(members)
+                _check_members(archive, layout, limits)
+                rebuilt = rebuild(archive, members, dest)
+    except ServiceError:
+        raise
+    except RecursionError as exc:
+        raise Unprocessable("upload is nested too deeply to check",
+                            code="unsupported_layout") from exc
+    except Exception as exc:  # anything a malformed zip makes zipfile or struct raise
+        raise UnsupportedMediaType(
+            f"program is not a readable .pt2 archive ({type(exc).__name__}: "
+            f"{str(exc)[:120]}); upload the file torch.export.save wrote",
+            code="not_a_pt2_archive") from exc
+    return GateReport(model=layout.model, members=len(members),
+                      uncompressed_bytes=sum(m.size for m in members), rebuilt_bytes=rebuilt,
+                      elapsed_s=round(time.monotonic() - started, 4))
+
+
+def _check_members(archive: zipfile.ZipFile, layout: Layout, limits: ArchiveLimits) -> None:
+    members = layout.members
+    for rel in FIXED_MEMBERS:
+        if rel in members:
+            check_fixed(rel, members[rel], read_member(archive, members[rel], 64))
+    for rel, files, prefix in ((layout.weights_config, layout.weights, "weight_"),
+                               (layout.constants_config, layout.constants, "tensor_")):
+        member = members[rel]
+        doc = load_json(read_member(archive, member, limits.max_json_bytes), where=member.name,
+                        max_depth=limits.max_json_depth, error=layout_error)
+        check_payload_config(doc, member.name, files, prefix, limits)
+    graph = members[layout.graph]
+    doc = load_json(read_member(archive, graph, limits.max_json_bytes), where=graph.name,
+                    max_depth=limits.max_json_depth, error=graph_error)
+    check_graph(doc, graph.name, limits)
+    inputs = members[layout.inputs]
+    if inputs.size == 0:
+        raise Unprocessable(f"member {inputs.name!r} is empty: the program was exported "
+                            "without example inputs", code="missing_example_inputs")
+    check_example_inputs(read_member(archive, inputs, limits.max_inputs_bytes), inputs.name,
+                         limits)

@@ -1,0 +1,38 @@
+"""Caps the upload gate enforces; built from Settings, reported by /v1/info."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Every cap the gate applies to one upload.
+
+    Parameters:
+        max_members: zip entries in the upload (and in the nested example-inputs zip).
+        max_member_bytes: uncompressed size of any one member.
+        max_total_bytes: uncompressed size of all members together.
+        max_ratio: uncompressed/compressed size of a member (torch stores, ratio 1).
+        max_json_bytes: size of one JSON member (the graph, the weights config).
+        max_json_depth: nesting depth of a JSON member.
+        max_inputs_bytes: size of the example-inputs member (a zip itself).
+        max_pickle_bytes: size of the pickle inside the example inputs.
+        max_tensor_bytes: bytes one declared tensor may address.
+        max_expr_chars: length of one size expression or guard string.
+    """
+
+    max_members: int = 100_000
+    max_member_bytes: int = 4 * 1024**3
+    max_total_bytes: int = 4 * 1024**3
+    max_ratio: int = 100
+    max_json_bytes: int = 256 * 1024**2
+    max_json_depth: int = 200
+    max_inputs_bytes: int = 256 * 1024**2
+    max_pickle_bytes: int = 16 * 1024**2
+    max_tensor_bytes: int = 4 * 1024**3
+    max_expr_chars: int = 4096
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

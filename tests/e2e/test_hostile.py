@@ -1,0 +1,106 @@
+"""Hostile uploads end to end: refused with the right 4xx, nothing run, queued or left."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Server
+from tests.factories import rewrite_zip, submit
+
+JOB_FILE = re.compile(r"[0-9a-f]{32}\.pt2")
+
+
+class _RunsShell:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (self.command,))
+
+
+def _jobs(client: httpx.Client) -> set[str]:
+    return {job["id"] for job in client.get("/v1/lowerings", params={"limit": 500}).json()["items"]}
+
+
+def _graph_with(source: Path, expr: str) -> bytes:
+    doc = json.loads(_read(source, "dynamic/models/model.json"))
+    doc["graph_module"]["graph"]["tensor_values"]["x"]["sizes"][0]["as_expr"]["expr_str"] = expr
+    return rewrite_zip(source, add={"dynamic/models/model.json": json.dumps(doc).encode()})
+
+
+def _read(source: Path, name: str) -> bytes:
+    import zipfile
+
+    with zipfile.ZipFile(source) as archive:
+        return archive.read(name)
+
+
+@pytest.mark.parametrize("case", ["pickled_inputs", "pickled_weights", "aoti_folder",
+                                  "sympy_eval", "zip_slip", "bomb"])
+def test_hostile_upload_is_refused(client: httpx.Client, server: Server, programs: Path,
+                                   tmp_path: Path, case: str) -> None:
+    marker = tmp_path / "MARKER"
+    evil = pickle.dumps(_RunsShell(f"touch {marker}"), protocol=2)
+    linear, dynamic = programs / "linear.pt2", programs / "dynamic.pt2"
+    status, code = 422, "unsafe_pickle"
+    if case == "pickled_inputs":
+        payload = rewrite_zip(linear, add={"linear/data/sample_inputs/model.pt": evil})
+    elif case == "pickled_weights":
+        config = json.loads(_read(linear, "linear/data/weights/model_weights_config.json"))
+        config["config"]["linear.weight"]["use_pickle"] = True
+        payload = rewrite_zip(linear, add={
+            "linear/data/weights/model_weights_config.json": json.dumps(config).encode(),
+            "linear/data/weights/weight_0": evil})
+    elif case == "aoti_folder":
+        payload = rewrite_zip(linear, add={"linear/data/aotinductor/model/x.so": b"\x7fELF"})
+        code = "unsupported_layout"
+    elif case == "sympy_eval":
+        payload = _graph_with(dynamic, f"__import__('os').system('touch {marker}')")
+        code = "unsafe_graph"
+    elif case == "zip_slip":
+        payload = rewrite_zip(linear, add={"linear/../../../tmp/evil.so": b"x"})
+        code = "unsafe_member_name"
+    else:
+        import io
+        import zipfile
+
+        buffer = io.BytesIO(rewrite_zip(linear))
+        with zipfile.ZipFile(buffer, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("linear/data/weights/weight_7", b"\0" * (64 << 20))
+        payload, status, code = buffer.getvalue(), 413, "archive_too_large"
+    before = _jobs(client)
+    response = submit(client, payload, model_name="m")
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code, body
+    assert "member" in body["error"]["message"] or "archive" in body["error"]["message"]
+    assert _jobs(client) == before
+    assert not marker.exists()
+    uploads = sorted(p.name for p in (server.data_dir / "uploads").iterdir())
+    assert all(JOB_FILE.fullmatch(name) and name[:-4] in before for name in uploads), uploads
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_info_reports_gate_limits(client: httpx.Client) -> None:
+    archive = client.get("/v1/info").json()["limits"]["archive"]
+    assert archive["max_total_bytes"] == 2 * 8 * 1024 * 1024  # 2 x the server's upload cap
+    assert {"max_members", "max_ratio", "max_json_depth", "max_json_bytes"} <= set(archive)
+
+
+@pytest.mark.slow
+def test_real_program_passes_and_lowers(client: httpx.Client, server: Server,
+                                        programs: Path) -> None:
+    response = submit(client, programs / "linear.pt2", model_name="gate_ok", wait=240)
+    assert response.status_code == 200, response.text
+    job_id = response.headers["x-lowering-id"]
+    upload = server.data_dir / "uploads" / f"{job_id}.pt2"
+    if upload.exists():  # the worker reads the gate's rebuilt copy, byte-identical members
+        assert _read(upload, "linear/models/model.json") == _read(
+            programs / "linear.pt2", "linear/models/model.json")
