@@ -44,6 +44,7 @@ class ProcessExecutor:
         self._lock = threading.Lock()
         self._pool: ProcessPool | None = None
         self._probed = threading.Event()
+        self._closing = False
 
     def start(self) -> None:
         self._pool = ProcessPool(
@@ -85,8 +86,10 @@ class ProcessExecutor:
     def _job_done(self, job_id: str, future: concurrent.futures.Future[Any]) -> None:
         with self._lock:
             self._futures.pop(job_id, None)
-        if future.cancelled():
-            return  # the cancel route has recorded it and settles its followers
+        if future.cancelled() or self._closing:
+            # Cancel: the route recorded it. Shutdown: the job stays "running" and the
+            # next start re-runs it (main.recover_jobs).
+            return
         exc = future.exception()
         if exc is not None:
             self._record_failure(job_id, exc)
@@ -151,6 +154,7 @@ class ProcessExecutor:
         }
 
     def close(self) -> None:
+        self._closing = True
         if self._pool is not None:
             self._pool.stop()
             self._pool.join(timeout=10)

@@ -119,9 +119,14 @@ async def create_lowering(
         fields["cache_key"] = cache_key(input_sha256=form.sha256, params=params.as_fields(),
                                         toolchain=executor.toolchain)
     # One admission at a time, so identical submissions cannot both start a compile.
-    async with request.app.state.admit_lock:
-        job, must_run = await to_thread.run_sync(lambda: admit(
-            store, fields=fields, use_cache=cache == "use", artifact_exists=artifacts.is_intact))
+    try:
+        async with request.app.state.admit_lock:
+            job, must_run = await to_thread.run_sync(lambda: admit(
+                store, fields=fields, use_cache=cache == "use",
+                artifact_exists=artifacts.is_intact))
+    except BaseException:
+        (settings.uploads_dir / f"{job_id}.pt2").unlink(missing_ok=True)
+        raise
     if must_run:
         executor.submit(job_id)
     if wait is not None:
