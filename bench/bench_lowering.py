@@ -1,111 +1,160 @@
-"""Plain way vs. the service, same machine, same models, one run.
+"""Is the service fast? One run, one machine, plain way vs service, five figures.
 
-Plain way: a fresh ``python`` that imports torch, loads the .pt2, runs the stock
-``lower_exported_program`` + ``package_nativert_with_aoti_delegate`` (FACTS.md).
-Service: a warm server (started here), upload -> archive in the client's hands
-(``POST /v1/lowerings?wait=``). Prints each side's median and the ratio.
+1. distinct:  a never-seen model, upload -> archive in hand (``POST ?wait=``) on a warm
+              service vs the plain way (fresh ``python``: import torch, load,
+              ``lower_exported_program``, ``package_nativert_with_aoti_delegate``) with its
+              own warm TORCHINDUCTOR_CACHE_DIR. Interleaved. Target ratio <= 0.75.
+2. identical: the same bytes and parameters again vs the plain median. Target <= 1/100.
+3. parallel:  8 distinct models at once vs 8 others one by one, 2 workers. Target <= 0.65.
+4. latency:   GET /v1/lowerings/{id} while every worker compiles. Target p99 < 50 ms.
+5. upload:    API process RSS rise while a 1 GiB upload streams in. Target < 64 MB.
 
-    .venv/bin/python bench/bench_lowering.py [--models linear convnet dynamic] [--rounds 2]
+Every upload is a program generated here with its own seed (bench/gen_programs.py), so no
+two share a sha256 and the result cache can only hit where figure 2 asks it to.
+
+    .venv/bin/python bench/bench_lowering.py [--quick] [--only distinct --only upload ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import httpx
+import figures
+from figures import Distinct, Row
+from gen_programs import KINDS
+from harness import generate, plain_once, serve
 
-ROOT = Path(__file__).resolve().parents[1]
-PLAIN = """
-import sys, torch
-from torch.nativert.backends._lower_utils import (
-    lower_exported_program, package_nativert_with_aoti_delegate)
-ep = torch.export.load(sys.argv[1])
-delegate, files = lower_exported_program(ep, sys.argv[3], "aoti")
-package_nativert_with_aoti_delegate(sys.argv[2], sys.argv[3], "aoti", ep, delegate, files)
-"""
+FIGURES = ("distinct", "identical", "parallel", "latency", "upload")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def plain_once(program: Path, out: Path, name: str, cache: Path) -> float:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", PLAIN, str(program), str(out), name],
-                   env=env, check=True, capture_output=True)
-    return time.perf_counter() - started
-
-
-def service_once(url: str, program: Path, name: str) -> float:
-    started = time.perf_counter()
-    with program.open("rb") as handle:
-        response = httpx.post(f"{url}/v1/lowerings", params={"wait": 900}, timeout=1000,
-                              data={"model_name": name}, files={"program": handle})
-    response.raise_for_status()
-    assert response.headers["content-type"] == "application/zip", response.text[:500]
-    return time.perf_counter() - started
-
-
-def main() -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["linear", "convnet", "dynamic"])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run")
+    parser.add_argument("--only", action="append", choices=FIGURES,
+                        help="measure only this figure (repeatable)")
+    parser.add_argument("--rounds", type=int, help="distinct-model rounds (3 models each)")
+    parser.add_argument("--parallel", type=int, help="models in the parallel figure (8)")
+    parser.add_argument("--requests", type=int, default=300, help="GETs in the latency figure")
     parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--cores", type=int, default=2, help="pin the run to this many cores")
+    parser.add_argument("--upload-mib", type=int, default=1024)
+    parser.add_argument("--seed", type=int, help="first program seed (default: from the clock)")
+    parser.add_argument("--plain-cache-dir", type=Path,
+                        help="the plain way's inductor cache (default: a temp dir, warmed once)")
+    args = parser.parse_args(argv)
+    args.only = set(args.only or FIGURES)
+    if "identical" in args.only:
+        args.only.add("distinct")  # it compares with the plain median and reuses its uploads
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.parallel = args.parallel or (4 if args.quick else 8)
+    return args
 
+
+def _pin(cores: int) -> str:
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) > cores:
+        os.sched_setaffinity(0, available[:cores])  # children (server, workers, g++) inherit
+    return f"{min(cores, len(available))} of {os.cpu_count()} cores"
+
+
+class Programs:
+    """Hands out distinct program paths; all are generated in one torch process."""
+
+    def __init__(self, out_dir: Path, first_seed: int) -> None:
+        self.out_dir, self.seed = out_dir, first_seed
+        self.specs: list[str] = []
+
+    def take(self, count: int, kinds: tuple[str, ...] = KINDS) -> list[Path]:
+        paths = []
+        for i in range(count):
+            kind = kinds[i % len(kinds)]
+            self.specs.append(f"{kind}:{self.seed}")
+            paths.append(self.out_dir / f"{kind}_s{self.seed}.pt2")
+            self.seed += 1
+        return paths
+
+
+def _guard(name: str, body: Callable[[], list[Row]]) -> list[Row]:
+    print(f"\n[{name}]", flush=True)
+    try:
+        return body()
+    except Exception as exc:  # one broken figure must not hide the others
+        print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
+        return [Row(name, f"error: {type(exc).__name__}", "", "n/a")]
+
+
+def _info_rows(server_ready_s: float, state: Distinct) -> list[Row]:
+    rows = [Row("service start -> /readyz 200", f"{server_ready_s:.1f} s", "info", "-")]
+    resources = [job.get("resources") or {} for job in state.jobs]
+    for key, scale, unit in (("cpu_s", 1.0, "s"), ("children_cpu_s", 1.0, "s"),
+                             ("peak_rss_bytes", 1e6, "MB")):
+        values = [r[key] / scale for r in resources if r.get(key) is not None]
+        measured = f"{statistics.median(values):.1f} {unit}" if values else "n/a"
+        if state.jobs:
+            rows.append(Row(f"per-job resources.{key} (median)", measured, "info", "-"))
+    return rows
+
+
+def _table(rows: list[Row]) -> None:
+    widths = [max(len(getattr(r, f)) for r in rows) for f in ("figure", "measured", "target")]
+    print()
+    print(f"{'figure':{widths[0]}}  {'measured':{widths[1]}}  {'target':{widths[2]}}  result")
+    print("-" * (sum(widths) + 14))
+    for r in rows:
+        print(f"{r.figure:{widths[0]}}  {r.measured:{widths[1]}}  {r.target:{widths[2]}}  "
+              f"{r.verdict}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    print(f"bench: {', '.join(f for f in FIGURES if f in args.only)} on {_pin(args.cores)}, "
+          f"{args.workers} workers{' (quick)' if args.quick else ''}", flush=True)
+    rows: list[Row] = []
+    state = Distinct()
     with tempfile.TemporaryDirectory(prefix="lowering-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        programs = tmp / "programs"
-        subprocess.run([sys.executable, "-m", "tests.models", str(programs), *args.models],
-                       cwd=ROOT, check=True, capture_output=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "LOWERING_PORT": str(port), "LOWERING_DATA_DIR": str(tmp / "data"),
-               "LOWERING_WORKERS": str(args.workers), "LOWERING_LOG_LEVEL": "warning",
-               "PYTHONPATH": str(ROOT)}
-        server = subprocess.Popen([sys.executable, "-m", "app.main"], cwd=ROOT, env=env)
-        try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.3)
-            plain: list[float] = []
-            service: list[float] = []
-            for rnd in range(args.rounds):
-                for model in args.models:
-                    # Interleave the two sides so machine noise hits both alike; a new
-                    # model_name per round keeps every service lowering a distinct one.
-                    program = programs / f"{model}.pt2"
-                    name = f"{model}_r{rnd}"
-                    plain.append(plain_once(program, tmp / f"{name}.pt2", name, tmp / "cache"))
-                    service.append(service_once(url, program, name))
-                    print(f"round {rnd} {model:10s} plain {plain[-1]:6.2f} s   "
-                          f"service {service[-1]:6.2f} s", flush=True)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    plain_median, service_median = statistics.median(plain), statistics.median(service)
-    print(f"\nplain way median   {plain_median:6.2f} s  (n={len(plain)})")
-    print(f"service median     {service_median:6.2f} s  (n={len(service)})")
-    print(f"ratio service/plain {service_median / plain_median:.2f}")
-    return 0
+        programs = Programs(tmp / "programs", args.seed or int(time.time()) % 100_000 * 1000)
+        warmup = programs.take(1) if "distinct" in args.only else []
+        distinct = programs.take(args.rounds * len(KINDS)) if "distinct" in args.only else []
+        busy = programs.take(2 * args.workers) if "latency" in args.only else []
+        par = programs.take(2 * args.parallel) if "parallel" in args.only else []
+        started = time.perf_counter()
+        generate(programs.out_dir, programs.specs)
+        print(f"generated {len(programs.specs)} programs in {time.perf_counter() - started:.0f} s",
+              flush=True)
+        plain_cache = args.plain_cache_dir or tmp / "plain-inductor"
+        for program in warmup:
+            print(f"plain way warm-up: {plain_once(program, tmp / 'warm.pt2', plain_cache):.1f} s",
+                  flush=True)
+        extra = {"LOWERING_MAX_UPLOAD_BYTES": str(max(args.upload_mib * 2**20 * 5 // 4,
+                                                      int(1.1 * 2**30)))}
+        with serve(tmp / "data", workers=args.workers, extra_env=extra) as server:
+            print(f"service ready in {server.ready_s:.1f} s (pid {server.pid})", flush=True)
+            if "distinct" in args.only:
+                (tmp / "plain-out").mkdir()
+                rows += _guard("distinct", lambda: figures.distinct(
+                    server, distinct, plain_cache, tmp / "plain-out", state))
+            if "identical" in args.only and state.done:
+                rows += _guard("identical", lambda: figures.identical(server, state))
+            if "latency" in args.only:
+                rows += _guard("latency", lambda: figures.latency(
+                    server, busy, args.workers, max(200, args.requests)))
+            if "parallel" in args.only:
+                half = len(par) // 2
+                rows += _guard("parallel", lambda: figures.parallel(server, par[:half], par[half:]))
+            if "upload" in args.only:
+                rows += _guard("upload", lambda: figures.upload(server, args.upload_mib * 2**20))
+            rows += _info_rows(server.ready_s, state)
+    _table(rows)
+    return 1 if any(r.verdict == "FAIL" for r in rows) else 0
 
 
 if __name__ == "__main__":
