@@ -39,20 +39,16 @@ def _check_archive(path: Path) -> None:
     assert {"models/model.json", "models/model-aoti.json"} <= rel
 
 
-def test_curl_examples(server: Server, programs: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("marker", "prints"), [("curl-examples", '"torch_version"'),
+                                               ("lowerctl-examples", "model")])
+def test_readme_examples(
+    server: Server, programs: Path, tmp_path: Path, marker: str, prints: str
+) -> None:
     shutil.copy(programs / "dynamic.pt2", tmp_path / "model.pt2")
-    result = _run(_block("curl-examples"), server, tmp_path)
+    result = _run(_block(marker), server, tmp_path)
     assert result.returncode == 0, result.stderr
     _check_archive(tmp_path / "model-aoti.pt2")
-    assert '"torch_version"' in result.stdout
-
-
-def test_lowerctl_examples(server: Server, programs: Path, tmp_path: Path) -> None:
-    shutil.copy(programs / "dynamic.pt2", tmp_path / "model.pt2")
-    result = _run(_block("lowerctl-examples"), server, tmp_path)
-    assert result.returncode == 0, result.stderr
-    _check_archive(tmp_path / "model-aoti.pt2")
-    assert "model" in result.stdout
+    assert prints in result.stdout
 
 
 def test_lowerctl_failed_job_exits_1(server: Server, programs: Path, tmp_path: Path) -> None:
