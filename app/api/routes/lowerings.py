@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
 from app.api.deps import ArtifactsDep, ExecutorDep, SettingsDep, StoreDep
+from app.api.openapi import ERROR_RESPONSES, FORM_SCHEMA
 from app.api.submit import parse_params
 from app.constants import JobStatus
 from app.errors import (
@@ -24,7 +25,7 @@ from app.errors import (
 )
 from app.jobs.cache import admit, cache_key
 from app.jobs.store import Job, JobStore
-from app.schemas import ErrorBody, LoweringPublic, LoweringsPublic
+from app.schemas import LoweringPublic, LoweringsPublic
 from app.storage.artifacts import ArtifactStore
 from app.storage.uploads import receive_form
 from app.validation.gate import admit_upload
@@ -32,31 +33,6 @@ from app.validation.gate import admit_upload
 router = APIRouter(prefix="/v1/lowerings", tags=["lowerings"])
 MULTIPART_OVERHEAD_BYTES = 1 << 20
 POLL_S = 0.2
-
-_FORM_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object",
-            "required": ["program", "model_name"],
-            "properties": {
-                "program": {"type": "string", "format": "binary",
-                            "description": ".pt2 file written by torch.export.save"},
-                "model_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"},
-                "backend_id": {"type": "string", "default": "aoti"},
-                "device": {"type": "string", "default": "cpu", "description": "cpu|cuda|cuda:N"},
-                "options": {"type": "string", "description": "JSON object; see /v1/info"},
-                "verify": {"type": "boolean", "default": True},
-                "rtol": {"type": "number"},
-                "atol": {"type": "number"},
-            },
-        }}},
-    },
-}
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 409, 413, 415, 422)
-}
-
 
 def _retry_after_s(waiting: int, settings: Any) -> int:
     # A rough drain time: each worker clears about one typical lowering per ~20 s.
@@ -74,8 +50,8 @@ async def _get_or_404(store: JobStore, job_id: str) -> Job:
     return job
 
 
-@router.post("", status_code=202, response_model=LoweringPublic, openapi_extra=_FORM_SCHEMA,
-             responses=_ERRORS)
+@router.post("", status_code=202, response_model=LoweringPublic, openapi_extra=FORM_SCHEMA,
+             responses=ERROR_RESPONSES)
 async def create_lowering(
     request: Request, settings: SettingsDep, store: StoreDep, executor: ExecutorDep,
     artifacts: ArtifactsDep,
@@ -148,7 +124,7 @@ async def _wait_final(store: JobStore, job_id: str, wait_s: float) -> Job:
         await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
 
 
-@router.get("", response_model=LoweringsPublic, responses=_ERRORS)
+@router.get("", response_model=LoweringsPublic, responses=ERROR_RESPONSES)
 async def list_lowerings(
     store: StoreDep,
     status: JobStatus | None = None,
@@ -170,13 +146,13 @@ async def list_lowerings(
     return {"items": [_public(job) for job in rows[:limit]], "next_cursor": next_cursor}
 
 
-@router.get("/{job_id}", response_model=LoweringPublic, responses=_ERRORS)
+@router.get("/{job_id}", response_model=LoweringPublic, responses=ERROR_RESPONSES)
 async def get_lowering(job_id: str, store: StoreDep) -> dict[str, Any]:
     """One job: status, phase, timings, verification, error."""
     return _public(await _get_or_404(store, job_id))
 
 
-@router.get("/{job_id}/artifact", response_class=FileResponse, responses=_ERRORS)
+@router.get("/{job_id}/artifact", response_class=FileResponse, responses=ERROR_RESPONSES)
 async def get_artifact(
     job_id: str, request: Request, store: StoreDep, artifacts: ArtifactsDep
 ) -> Response:
@@ -202,7 +178,7 @@ async def _artifact_response(job: Job, artifacts: ArtifactStore, request: Reques
                         headers=headers, filename=f"{job['model_name']}-{job['backend_id']}.pt2")
 
 
-@router.get("/{job_id}/log", response_class=PlainTextResponse, responses=_ERRORS)
+@router.get("/{job_id}/log", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
 async def get_log(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
     """The worker's log of this job (empty until a worker starts it)."""
     await _get_or_404(store, job_id)
@@ -212,7 +188,7 @@ async def get_log(job_id: str, store: StoreDep, settings: SettingsDep) -> Respon
     return FileResponse(path, media_type="text/plain; charset=utf-8")
 
 
-@router.post("/{job_id}/cancel", response_model=LoweringPublic, responses=_ERRORS)
+@router.post("/{job_id}/cancel", response_model=LoweringPublic, responses=ERROR_RESPONSES)
 async def cancel_lowering(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[str, Any]:
     """Cancel a queued or running job; a running job's worker is killed and replaced."""
     job = await _get_or_404(store, job_id)
@@ -226,7 +202,7 @@ async def cancel_lowering(job_id: str, store: StoreDep, executor: ExecutorDep) -
     return _public(await _get_or_404(store, job_id))
 
 
-@router.delete("/{job_id}", status_code=204, responses=_ERRORS)
+@router.delete("/{job_id}", status_code=204, responses=ERROR_RESPONSES)
 async def delete_lowering(
     job_id: str, store: StoreDep, settings: SettingsDep, artifacts: ArtifactsDep
 ) -> Response:
