@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -52,6 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.ensure_dirs()
+        # No worker runs yet: whatever is in scratch is left over from a crash.
+        for leftover in settings.scratch_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
         store = JobStore(settings.db_url)
         executor = ProcessExecutor(settings, store)
         executor.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import multiprocessing
+import shutil
 import signal
 import threading
 from typing import Any
@@ -86,14 +87,15 @@ class ProcessExecutor:
     def _job_done(self, job_id: str, future: concurrent.futures.Future[Any]) -> None:
         with self._lock:
             self._futures.pop(job_id, None)
-        if future.cancelled() or self._closing:
-            # Cancel: the route recorded it. Shutdown: the job stays "running" and the
-            # next start re-runs it (main.recover_jobs).
-            return
-        exc = future.exception()
-        if exc is not None:
-            self._record_failure(job_id, exc)
-        self.settle(job_id)
+        if self._closing:
+            return  # the job stays "running"; the next start re-runs it (recover_jobs)
+        if not future.cancelled() and future.exception() is not None:
+            self._record_failure(job_id, future.exception())  # type: ignore[arg-type]
+        if future.cancelled() or future.exception() is not None:
+            # The worker was killed: nothing else will clear its job's scratch dir.
+            shutil.rmtree(self.settings.scratch_dir / job_id, ignore_errors=True)
+        if not future.cancelled():
+            self.settle(job_id)  # a cancel is settled by the route that recorded it
 
     def settle(self, job_id: str) -> None:
         """Finish the identical jobs that waited on ``job_id``; submit a new leader."""

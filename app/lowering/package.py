@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ def write_archive(
     delegate: ExportedProgram,
     aoti_files: list[Any],
     provenance: dict[str, Any] | None = None,
+    max_bytes: int | None = None,
 ) -> None:
     """Write models/{model}.json (original), models/{model}-{backend}.json (delegate),
     data/aotinductor/{model}-{backend}/ (compiled files) and extra/provenance.json.
@@ -36,9 +38,59 @@ def write_archive(
     extra = None
     if provenance is not None:
         extra = {PROVENANCE_FILE: json.dumps(provenance, indent=2, sort_keys=True, default=str)}
-    package_pt2(
-        str(path),
-        exported_programs={model_name: original, name: delegate},
-        aoti_files={name: aoti_files},
-        extra_files=extra,
-    )
+    with _CappedFile(path, max_bytes) as sink:
+        package_pt2(
+            sink,  # type: ignore[arg-type]
+            exported_programs={model_name: original, name: delegate},
+            aoti_files={name: aoti_files},
+            extra_files=extra,
+        )
+    if sink.error is not None:
+        path.unlink(missing_ok=True)
+        raise sink.error
+
+
+class _CappedFile:
+    """The file torch's zip writer writes through; it never sees a failed write.
+
+    torch's writer aborts the whole process (std::terminate in a destructor) if a
+    write comes up short, as on a full disk or a file over RLIMIT_FSIZE. So a write
+    that would pass ``max_bytes`` or that the OS refuses is recorded, not raised,
+    and ``write_archive`` raises it once torch has finished.
+    """
+
+    def __init__(self, path: Path, max_bytes: int | None) -> None:
+        self.handle = path.open("wb")
+        self.max_bytes = max_bytes
+        self.written = 0
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        size = len(data)
+        if self.error is None:
+            if self.max_bytes is not None and self.written + size > self.max_bytes:
+                self.error = OSError(errno.EFBIG, "the archive exceeds LOWERING_MAX_ARTIFACT_"
+                                     f"BYTES ({self.max_bytes} bytes)")
+            else:
+                try:
+                    self.handle.write(data)
+                except OSError as exc:
+                    self.error = exc
+        self.written += size
+        return size
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.handle.flush()
+            except OSError as exc:
+                self.error = exc
+
+    def __enter__(self) -> _CappedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.handle.close()
+        except OSError as error:
+            self.error = self.error or error

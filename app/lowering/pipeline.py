@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,10 +19,9 @@ from app.lowering.lower import lower_program
 from app.lowering.package import write_archive
 from app.lowering.toolchain import probe_toolchain
 from app.lowering.verify import verify_archive
-from app.sandbox import SPACE_ERRNOS, file_size_limit
+from app.sandbox import SPACE_ERRNOS
 
 log = logging.getLogger("app.lowering")
-MIN_FREE_BYTES = 1 << 20
 
 
 @dataclass
@@ -71,16 +67,6 @@ def _out_of_space(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
-
-
-def _raise_if_out_of_space(path: Path, max_bytes: int | None, exc: Exception) -> None:
-    """torch's zip writer reports a short write only as "unexpected pos": name the cause."""
-    size = path.stat().st_size if path.exists() else 0
-    if max_bytes and size >= max_bytes:
-        raise OSError(errno.EFBIG, f"the archive exceeds LOWERING_MAX_ARTIFACT_BYTES "
-                      f"({max_bytes} bytes)") from exc
-    if shutil.disk_usage(path.parent).free < MIN_FREE_BYTES:
-        raise OSError(errno.ENOSPC, f"no space left for the archive in {path.parent}") from exc
 
 
 def _check_device(device: str) -> None:
@@ -143,16 +129,9 @@ def run_lowering(
                 "verification": result.verification, "timings": dict(timings)}
 
     def package(path: Path) -> None:
-        limit = (file_size_limit(max_artifact_bytes) if max_artifact_bytes
-                 else contextlib.nullcontext())
-        try:
-            with limit:
-                write_archive(path, model_name=model_name, backend_id=backend_id,
-                              original=original, delegate=delegate, aoti_files=aoti_files,
-                              provenance=record())
-        except Exception as exc:
-            _raise_if_out_of_space(path, max_artifact_bytes, exc)
-            raise
+        write_archive(path, model_name=model_name, backend_id=backend_id, original=original,
+                      delegate=delegate, aoti_files=aoti_files, provenance=record(),
+                      max_bytes=max_artifact_bytes)
 
     if not verify:
         with _phase("package", timings, on_phase):

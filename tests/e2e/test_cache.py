@@ -92,11 +92,12 @@ def test_failed_job_is_not_cached(client: httpx.Client, programs: Path) -> None:
     assert not any(job["cache_hit"] for job in jobs)
 
 
-def test_ready_after_warmup_queue_bound_and_storage_full(
+def test_readiness_queue_bound_storage_full_and_cpu_limit(
     start_server: Callable[..., Server], programs: Path
 ) -> None:
+    # The slow model spends ~8 CPU s in the worker itself (linear ~0.3 s): over the cap.
     constrained = start_server(ready=False, workers=1, max_queued=1,
-                               max_artifact_bytes=100_000)
+                               max_artifact_bytes=100_000, job_max_cpu_s=4)
     with constrained.client() as http:
         early = None
         while early is None:
@@ -124,5 +125,10 @@ def test_ready_after_warmup_queue_bound_and_storage_full(
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["code"] == "queue_full"
         assert int(refused.headers["retry-after"]) > 0
-        for job_id in (queued.json()["id"], running):
-            assert http.post(f"/v1/lowerings/{job_id}/cancel").status_code == 200
+        assert http.post(f"/v1/lowerings/{queued.json()['id']}/cancel").status_code == 200
+
+        # A job that burns through its CPU allowance is stopped; only it fails.
+        over = wait_for(http, running, until={"failed"}, timeout_s=300)
+        assert over["error"]["code"] == "resource_limit", over["error"]
+        assert "LOWERING_JOB_MAX_CPU_S" in over["error"]["message"]
+        assert http.get("/readyz").status_code == 200

@@ -68,6 +68,7 @@ def test_sigkilled_worker_fails_only_its_job(
     job = wait_for(client, job_id, until={"failed"})
     assert job["error"]["code"] == "worker_crashed", job["error"]
     assert "replaced" in job["error"]["message"]
+    assert not (server.data_dir / "scratch" / job_id).exists()
     # The pool replaced the worker: a new job still lowers.
     after = submit(client, programs / "linear.pt2", wait=600, model_name="after_kill")
     assert after.status_code == 200, after.text
