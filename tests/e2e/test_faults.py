@@ -97,11 +97,17 @@ def test_timeout_then_restart_keeps_jobs_and_preloads(
         assert "LOWERING_JOB_TIMEOUT_S" in timed_out["error"]["message"]
     first.stop()
 
-    second = start_server(data_dir, workers=1, preload_modules="tests.pytree_types")
+    second = start_server(data_dir, workers=1, preload_modules="tests.pytree_types",
+                          max_jobs_per_worker=1)
     with second.client() as http:
         done = submit(http, programs / "custom_output.pt2", wait=600, model_name="custom")
         assert done.status_code == 200, done.text  # the preloaded module makes it loadable
         done_id = done.headers["x-lowering-id"]
+        other = submit(http, programs / "kwargs.pt2", wait=600, model_name="recycled")
+        assert other.status_code == 200, other.text
+        pids = [http.get(f"/v1/lowerings/{job_id}").json()["worker_pid"]
+                for job_id in (done_id, other.headers["x-lowering-id"])]
+        assert pids[0] != pids[1], "the worker was not recycled after max_jobs_per_worker"
     second.stop()
 
     third = start_server(data_dir, workers=1)
