@@ -60,7 +60,8 @@ def admit(
             now = utcnow()
             inherited = {name: hit[name] for name in INHERITED}
             job = store.create(**fields, **inherited, status=JobStatus.SUCCEEDED.value,
-                               cache_hit=True, started_at=now, finished_at=now)
+                               cache_hit=True, created_at=now, started_at=now,
+                               finished_at=now)
             return job, False
         leader = store.find_by_key(cache_key=key, statuses=ACTIVE)
         if leader is not None:
