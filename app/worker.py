@@ -45,6 +45,7 @@ def init_worker(settings_data: dict[str, Any]) -> None:
     sandbox.limit_address_space(_settings.job_max_memory_bytes)
     if _settings.isolate_network and _settings.db_url.startswith("sqlite"):
         _worker_info["network_isolated"] = sandbox.drop_network()
+    # Before torch is imported, so nothing in it can settle on another cache dir.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_settings.inductor_dir)
     # Defence in depth: any torch.load torch does on our behalf refuses pickled code.
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
