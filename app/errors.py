@@ -8,8 +8,7 @@ ServiceError (500)            anything we did not foresee; the body says nothing
  ├── PayloadTooLarge (413)    upload over LOWERING_MAX_UPLOAD_BYTES
  ├── UnsupportedMediaType (415) not multipart, or an upload that is not a zip
  ├── Unprocessable (422)      well-formed but unacceptable: pattern, device, option
- ├── TooManyRequests (429)    the queue is full (LOWERING_MAX_QUEUED); carries Retry-After
- └── NotReady (503)           the worker pool is not up yet
+ └── TooManyRequests (429)    the queue is full (LOWERING_MAX_QUEUED); carries Retry-After
 
 JobError is not an HTTP error: it is a failed job's (code, message, detail), raised
 inside a worker and stored on the job record.
@@ -71,11 +70,6 @@ class Unprocessable(ServiceError):
 class TooManyRequests(ServiceError):
     status = 429
     code = "queue_full"
-
-
-class NotReady(ServiceError):
-    status = 503
-    code = "not_ready"
 
 
 class JobError(Exception):

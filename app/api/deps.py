@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.executors.process import ProcessExecutor
+from app.executors.base import Executor
 from app.jobs.store import JobStore
 from app.settings import Settings
 from app.storage.artifacts import ArtifactStore
@@ -24,11 +24,11 @@ def _artifacts(request: Request) -> ArtifactStore:
     return request.app.state.artifacts  # type: ignore[no-any-return]
 
 
-def _executor(request: Request) -> ProcessExecutor:
+def _executor(request: Request) -> Executor:
     return request.app.state.executor  # type: ignore[no-any-return]
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[JobStore, Depends(_store)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(_artifacts)]
-ExecutorDep = Annotated[ProcessExecutor, Depends(_executor)]
+ExecutorDep = Annotated[Executor, Depends(_executor)]

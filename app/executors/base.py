@@ -1,4 +1,4 @@
-"""What the API needs from an executor: submit a job id, cancel it, close."""
+"""What the API needs from an executor; ``process.ProcessExecutor`` is the local one."""
 
 from __future__ import annotations
 
@@ -6,7 +6,18 @@ from typing import Any, Protocol
 
 
 class Executor(Protocol):
-    """Runs ``app.worker.run_job(job_id)`` somewhere and records crashes/timeouts."""
+    """Runs ``app.worker.run_job(job_id)`` somewhere and records crashes/timeouts.
+
+    ``toolchain`` is what a worker reported (torch version, compiler, ISA, CUDA
+    devices), None until one has started; ``probe_error`` says why it is missing.
+    """
+
+    toolchain: dict[str, Any] | None
+    probe_error: str | None
+
+    @property
+    def ready(self) -> bool:
+        """A worker has started (and primed) and reported its toolchain."""
 
     def start(self) -> None:
         """Start workers; returns at once."""
@@ -16,6 +27,9 @@ class Executor(Protocol):
 
     def cancel(self, job_id: str) -> bool:
         """Stop a queued or running job; True if it was known here."""
+
+    def settle(self, job_id: str) -> None:
+        """Finish the identical jobs that waited on a finished ``job_id``."""
 
     def info(self) -> dict[str, Any]:
         """Workers, queue depth and the toolchain the workers reported."""

@@ -44,7 +44,6 @@ class ProcessExecutor:
         self._futures: dict[str, ProcessFuture[Any]] = {}
         self._lock = threading.Lock()
         self._pool: ProcessPool | None = None
-        self._probed = threading.Event()
         self._closing = False
 
     def start(self) -> None:
@@ -66,10 +65,6 @@ class ProcessExecutor:
         except BaseException as exc:  # reported by /readyz and /v1/info
             self.probe_error = f"{type(exc).__name__}: {exc}"
             log.error("worker probe failed: %s", self.probe_error)
-        self._probed.set()
-
-    def wait_ready(self, timeout_s: float) -> bool:
-        return self._probed.wait(timeout_s) and self.toolchain is not None
 
     @property
     def ready(self) -> bool:

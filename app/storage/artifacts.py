@@ -48,9 +48,6 @@ class ArtifactStore:
         os.replace(src, dest)
         return sha256, size
 
-    def exists(self, sha256: str) -> bool:
-        return self.path_for(sha256).is_file()
-
     def is_intact(self, sha256: str) -> bool:
         """True if the stored file's bytes still hash to ``sha256``; a bad file is removed."""
         path = self.path_for(sha256)
