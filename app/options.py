@@ -7,6 +7,7 @@ This module never imports torch: the API validates with it, the worker applies i
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -53,14 +54,23 @@ ALLOWED_OPTIONS: dict[str, OptionSpec] = {
 }
 
 
+MAX_OPTIONS_BYTES = 4096
+"""The ``options`` field is a flat object of a few settings; anything bigger is a mistake."""
+MAX_OPTIONS_DEPTH = 8
+"""Arrays/objects nested deeper than this are refused before json.loads recurses."""
+MAX_NUMBER_CHARS = 32
+"""A number token longer than this is refused (Python's int() stops at 4300 digits)."""
+
+
 def parse_options(raw: str | None) -> dict[str, Any]:
-    """Parse the ``options`` form field and return it normalised (sorted keys)."""
+    """Parse the ``options`` form field and return it normalised (sorted keys).
+
+    The JSON is parsed with bounds (size, nesting, number length, finite numbers,
+    no duplicate keys), so hostile input is a 4xx naming the limit, never a crash.
+    """
     if raw is None or raw.strip() == "":
         return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"options is not valid JSON: {exc.msg} at position {exc.pos}") from exc
+    value = parse_bounded_json(raw, what="options")
     if not isinstance(value, dict):
         raise Unprocessable("options must be a JSON object of AOTInductor settings")
     out: dict[str, Any] = {}
@@ -68,11 +78,92 @@ def parse_options(raw: str | None) -> dict[str, Any]:
         spec = ALLOWED_OPTIONS.get(key)
         if spec is None:
             raise Unprocessable(
-                f"option {key!r} is not allowed; allowed: {', '.join(sorted(ALLOWED_OPTIONS))}",
+                f"option {key[:80]!r} is not allowed; "
+                f"allowed: {', '.join(sorted(ALLOWED_OPTIONS))}",
                 code="unknown_option",
             )
         out[key] = _check(key, spec, value[key])
     return out
+
+
+def parse_bounded_json(
+    raw: str,
+    *,
+    what: str,
+    max_bytes: int = MAX_OPTIONS_BYTES,
+    max_depth: int = MAX_OPTIONS_DEPTH,
+    max_number_chars: int = MAX_NUMBER_CHARS,
+) -> Any:
+    """json.loads with limits; every refusal is BadRequest (not JSON) or Unprocessable."""
+    size = len(raw.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise Unprocessable(f"{what} is {size} bytes of JSON; at most {max_bytes} bytes allowed")
+    depth = _max_depth(raw)
+    if depth > max_depth:
+        raise Unprocessable(
+            f"{what} nests arrays/objects {depth} levels deep; at most {max_depth} allowed "
+            "(options is a flat JSON object)"
+        )
+
+    def number(token: str) -> str:
+        if len(token) > max_number_chars:
+            raise Unprocessable(
+                f"{what} holds a number of {len(token)} digits/characters; numbers may have "
+                f"at most {max_number_chars}"
+            )
+        return token
+
+    def as_int(token: str) -> int:
+        return int(number(token))
+
+    def as_float(token: str) -> float:
+        result = float(number(token))
+        if not math.isfinite(result):
+            raise Unprocessable(f"{what} holds the number {token!r}, which is not finite")
+        return result
+
+    def constant(token: str) -> Any:
+        raise BadRequest(f"{what} is not valid JSON: {token} is not allowed (JSON has no "
+                         "NaN or Infinity)")
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, item in items:
+            if key in out:
+                raise Unprocessable(f"{what} gives the key {key[:80]!r} twice")
+            out[key] = item
+        return out
+
+    try:
+        return json.loads(raw, parse_int=as_int, parse_float=as_float,
+                          parse_constant=constant, object_pairs_hook=pairs)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}") from exc
+    except (RecursionError, ValueError) as exc:  # belt and braces: the limits above prevent these
+        raise Unprocessable(f"{what} could not be parsed within limits: {type(exc).__name__}"
+                            ) from exc
+
+
+def _max_depth(raw: str) -> int:
+    """How deep ``[``/``{`` nest outside string literals (a scan, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 def _check(key: str, spec: OptionSpec, item: Any) -> Any:

@@ -8,11 +8,13 @@ and a partial file is removed on any failure (too large, bad framing, client gon
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from anyio import to_thread
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -20,8 +22,17 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from app.constants import CHUNK_BYTES
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
+_T = TypeVar("_T")
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 32
+# RFC 2046 5.1.1: 1-70 of these characters, the last not a space.
+BOUNDARY_RE = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+BOUNDARY_RULE = ("a multipart boundary is 1-70 characters from A-Z a-z 0-9 ' ( ) + _ , - . / : = ? "
+                 "and space, not ending in a space (RFC 2046)")
+
+
+def _malformed(message: str) -> BadRequest:
+    return BadRequest(f"malformed multipart body: {message}", code="malformed_multipart")
 
 
 @dataclass
@@ -82,20 +93,29 @@ class _FormSink:
         self._headers[key] = self._headers.get(key, b"") + data[start:end]
 
     def _headers_finished(self) -> None:
-        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
-        self._name = params.get(b"name", b"").decode("utf-8", "replace")
-        self._is_file = b"filename" in params
+        disposition, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if disposition != b"form-data" or not params.get(b"name"):
+            raise _malformed("every part needs a 'Content-Disposition: form-data; name=...' "
+                             "header with a non-empty name")
+        self._name = params[b"name"].decode("utf-8", "replace")
+        # The program is the file part, with or without a filename (curl -F 'program=<f').
+        self._is_file = b"filename" in params or self._name == self.file_field
         if self._is_file:
             if self._name != self.file_field:
-                raise BadRequest(f"unexpected file field {self._name!r}; send the program as "
-                                 f"{self.file_field!r}")
+                raise BadRequest(f"unexpected file field {self._name[:80]!r}; send the program "
+                                 f"as {self.file_field!r}")
             if self.handle is not None:
                 raise BadRequest(f"send exactly one {self.file_field!r} file")
-            self.form.filename = params[b"filename"].decode("utf-8", "replace")
+            self.form.filename = params.get(b"filename", b"").decode("utf-8", "replace")
             self.form.file_path = self.dest_dir / f".upload-{uuid.uuid4().hex}.part"
             self.handle = self.form.file_path.open("wb")
+        elif self._name in self.form.fields:
+            raise BadRequest(f"form field {self._name[:80]!r} appears more than once; send it once",
+                             code="duplicate_field")
         elif len(self.form.fields) >= MAX_FIELDS:
             raise BadRequest("too many form fields")
+        else:
+            self.form.fields[self._name] = ""  # claimed now, so a repeat is caught above
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
@@ -110,14 +130,15 @@ class _FormSink:
         else:
             self._value += chunk
             if len(self._value) > MAX_FIELD_BYTES:
-                raise PayloadTooLarge(f"form field {self._name!r} exceeds {MAX_FIELD_BYTES} bytes")
+                raise PayloadTooLarge(
+                    f"form field {self._name[:80]!r} exceeds {MAX_FIELD_BYTES} bytes")
 
     def _part_end(self) -> None:
         if not self._is_file:
             try:
                 self.form.fields[self._name] = self._value.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise BadRequest(f"form field {self._name!r} is not UTF-8 text") from exc
+                raise BadRequest(f"form field {self._name[:80]!r} is not UTF-8 text") from exc
 
     async def flush(self, *, force: bool = False) -> None:
         # Disk writes and hashing run off the event loop; batching keeps the hops few.
@@ -149,20 +170,18 @@ async def receive_form(
             "send multipart/form-data with the program file in the field 'program'",
             code="not_multipart",
         )
+    boundary = params[b"boundary"]
+    if not BOUNDARY_RE.fullmatch(boundary):
+        raise _malformed(f"the boundary in Content-Type is not valid: {BOUNDARY_RULE}")
     sink = _FormSink(file_field=file_field, dest_dir=dest_dir, max_file_bytes=max_file_bytes)
-    parser = MultipartParser(params[b"boundary"], sink.callbacks())  # type: ignore[arg-type]
     try:
+        parser = _framing(lambda: MultipartParser(boundary, sink.callbacks()))  # type: ignore[arg-type]
         async for chunk in chunks:
-            try:
-                parser.write(chunk)
-            except (BadRequest, PayloadTooLarge):
-                raise
-            except Exception as exc:  # python-multipart's own framing errors
-                raise BadRequest(f"malformed multipart body: {exc}") from exc
+            _framing(partial(parser.write, chunk))
             await sink.flush()
-        parser.finalize()
+        _framing(parser.finalize)
         if not sink.complete:
-            raise BadRequest("multipart body ended before its closing boundary (truncated upload)")
+            raise _malformed("the body ended before its closing boundary (truncated upload)")
         await sink.flush(force=True)
         if sink.handle is not None:
             await to_thread.run_sync(sink.handle.close)
@@ -173,3 +192,13 @@ async def receive_form(
         raise
     sink.form.sha256 = sink.hasher.hexdigest() if sink.handle is not None else ""
     return sink.form
+
+
+def _framing(step: Callable[[], _T]) -> _T:
+    """Run one parser step; python-multipart's own errors become a 400 saying why."""
+    try:
+        return step()
+    except (BadRequest, PayloadTooLarge):
+        raise
+    except Exception as exc:  # FormParserError, MultipartParseError, and anything alike
+        raise _malformed(str(exc)[:300] or type(exc).__name__) from exc

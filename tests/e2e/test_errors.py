@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -126,11 +127,70 @@ def test_unknown_ids_are_404(client: httpx.Client) -> None:
     _error(client.get("/v2/whatever"), 404, "not_found")
 
 
-def test_bad_list_queries(client: httpx.Client) -> None:
-    _error(client.get("/v1/lowerings", params={"cursor": "abc"}), 400, "invalid_cursor")
-    _error(client.get("/v1/lowerings", params={"limit": 0}), 422, "invalid_parameter")
-    _error(client.get("/v1/lowerings", params={"status": "done"}), 422, "invalid_parameter")
-    _error(client.post("/v1/lowerings", params={"wait": -1}), 422, "invalid_parameter")
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"cursor": "abc"}, {"cursor": "99999999999999999999"}, {"cursor": "9" * 5000},
+        {"cursor": "-1"}, {"cursor": "0"}, {"cursor": "\u00b2"}, {"cursor": "1.5"},
+        {"limit": 0}, {"limit": "99999999999999999999"}, {"limit": "-5"}, {"limit": "1e3"},
+        {"status": "done"}, {"model_name": "a\x00b"}, {"model_name": "x" * 5000},
+    ],
+)
+def test_bad_list_queries_are_422(client: httpx.Client, params: dict[str, object]) -> None:
+    message = _error(client.get("/v1/lowerings", params=params), 422, "invalid_parameter")
+    assert next(iter(params)) in message
+
+
+@pytest.mark.parametrize("wait", ["-1", "nan", "inf", "1e999", "99999999999999999999", "x"])
+def test_bad_wait_is_422(client: httpx.Client, wait: str) -> None:
+    response = client.post("/v1/lowerings", params={"wait": wait})
+    assert "wait" in _error(response, 422, "invalid_parameter")
+
+
+@pytest.mark.parametrize("job_id", ["a\x00b", "x" * 5000, "../../etc", "%", " "])
+def test_ids_that_cannot_exist_are_404(client: httpx.Client, job_id: str) -> None:
+    for method, suffix in [("GET", ""), ("GET", "/artifact"), ("GET", "/log"),
+                           ("POST", "/cancel"), ("DELETE", "")]:
+        path = "/v1/lowerings/" + quote(job_id, safe="") + suffix
+        response = client.request(method, path)
+        assert response.status_code in (404, 405), (method, path, response.text)
+        assert set(response.json()) == {"error"}
+
+
+@pytest.mark.parametrize(
+    ("options", "status", "says"),
+    [
+        ('{"freezing": ' + "[" * 2_000 + "]" * 2_000 + "}", 422, "nest"),
+        ('{"cpp.simdlen": ' + "9" * 5_000 + "}", 422, "bytes"),
+        ('{"cpp.simdlen": ' + "9" * 100 + "}", 422, "digits"),
+        ('{"cpp.simdlen": NaN}', 400, "NaN"),
+        ('{"cpp.simdlen": 1e999}', 422, "finite"),
+        ('{"freezing": true, "freezing": true}', 422, "twice"),
+    ],
+)
+def test_hostile_options_are_4xx(
+    client: httpx.Client, server: Server, options: str, status: int, says: str
+) -> None:
+    response = submit(client, b"not a zip", model_name="m", options=options)
+    assert response.status_code == status, response.text
+    assert says in response.json()["error"]["message"]
+    assert leftover_uploads(server.data_dir) == []
+
+
+@pytest.mark.parametrize("length", [71, 200, 256, 257, 300, 5000])
+def test_long_multipart_boundary_is_400(client: httpx.Client, length: int) -> None:
+    boundary = "b" * length
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="model_name"\r\n\r\nm\r\n'
+            f"--{boundary}--\r\n").encode()
+    response = client.post("/v1/lowerings", content=body,
+                           headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert "boundary" in _error(response, 400, "malformed_multipart")
+
+
+def test_duplicate_form_field_is_400(client: httpx.Client, programs: Path) -> None:
+    response = client.post("/v1/lowerings", data={"model_name": ["a", "b"]},
+                           files={"program": ("p.pt2", b"PK", "application/octet-stream")})
+    assert "model_name" in _error(response, 400, "duplicate_field")
 
 
 def test_health_ready_info(client: httpx.Client) -> None:

@@ -48,3 +48,52 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.workers == 3
     assert str(settings.data_dir) == "/tmp/y"
     assert settings.db_url == "sqlite:////tmp/y/jobs.db"
+
+
+@pytest.mark.parametrize(
+    ("raw", "error", "says"),
+    [
+        # Nesting deep enough to blow Python's recursion limit inside json.loads.
+        ('{"freezing": ' + "[" * 30_000 + "]" * 30_000 + "}", Unprocessable, "bytes"),
+        ("[" * 30_000, Unprocessable, "bytes"),
+        # Under the size cap, still deeper than json.loads can recurse.
+        ('{"freezing": ' + "[" * 2_000 + "]" * 2_000 + "}", Unprocessable, "nest"),
+        ('{"a": ' + '{"b": ' * 500 + "1" + "}" * 501, Unprocessable, "nest"),
+        # Past Python's int-to-str digit limit (4300), json.loads raises ValueError.
+        ('{"cpp.simdlen": ' + "9" * 5_000 + "}", Unprocessable, "bytes"),
+        ('{"cpp.simdlen": -' + "1" * 5_000 + "}", Unprocessable, "bytes"),
+        # Below the size cap, numbers are still bounded in length.
+        ('{"cpp.simdlen": ' + "9" * 100 + "}", Unprocessable, "digits"),
+        ('{"cpp.simdlen": 1.' + "0" * 100 + "}", Unprocessable, "digits"),
+        ('{"cpp.simdlen": 1e-' + "0" * 100 + "1}", Unprocessable, "digits"),
+        ('{"cpp.simdlen": 1e999}', Unprocessable, "finite"),
+        ('{"cpp.simdlen": NaN}', BadRequest, "NaN"),
+        ('{"cpp.simdlen": -Infinity}', BadRequest, "Infinity"),
+        ('{"freezing": true, "freezing": false}', Unprocessable, "twice"),
+        ('{"cpp.march": "' + "x" * 70_000 + '"}', Unprocessable, "bytes"),
+        ('"just a string"', Unprocessable, "JSON object"),
+        ("null", Unprocessable, "JSON object"),
+        ("1" * 5_000, Unprocessable, "bytes"),
+        ("[" * 3_000, Unprocessable, "nest"),
+    ],
+)
+def test_hostile_options_are_4xx_saying_what_to_fix(
+    raw: str, error: type[Exception], says: str
+) -> None:
+    with pytest.raises(error, match=says):
+        parse_options(raw)
+
+
+def test_options_limits_leave_real_options_alone() -> None:
+    raw = '{"cpp.simdlen": 512, "cpp.march": "x86-64-v3", "freezing": false}'
+    assert parse_options(raw) == {"cpp.march": "x86-64-v3", "cpp.simdlen": 512,
+                                  "freezing": False}
+    # Strings may contain brackets: they are not nesting.
+    with pytest.raises(Unprocessable, match="must match"):
+        parse_options('{"cpp.march": "' + "[" * 200 + '"}')
+
+
+@pytest.mark.parametrize("raw", ["²", "1" * 5_000, "1e999", "-0.5", "inf"])
+def test_hostile_tolerances_are_422(raw: str) -> None:
+    with pytest.raises(Unprocessable, match="rtol"):
+        parse_params({"model_name": "m", "rtol": raw}, settings=Settings(), cuda_devices=0)

@@ -68,3 +68,71 @@ def test_not_multipart_and_two_files(tmp_path: Path) -> None:
     with pytest.raises(BadRequest):
         _receive(_chunks(twice), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def _framed(boundary: str, parts: list[bytes], close: bool = True) -> bytes:
+    body = b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts)
+    return body + (b"--" + boundary.encode() + b"--\r\n" if close else b"")
+
+
+_NAME_PART = b'Content-Disposition: form-data; name="model_name"\r\n\r\nm'
+_FILE_PART = b'Content-Disposition: form-data; name="program"; filename="m.pt2"\r\n\r\nPK'
+
+
+@pytest.mark.parametrize("length", [1, 2, 40, 69, 70, 71, 100, 255, 256, 257, 300, 5000])
+def test_boundary_of_any_length_is_parsed_or_400(tmp_path: Path, length: int) -> None:
+    boundary = ("ab0'()+_,-./:=?" * 400)[:length]
+    body = _framed(boundary, [_NAME_PART, _FILE_PART])
+    ctype = f'multipart/form-data; boundary="{boundary}"'
+    if length <= 70:  # RFC 2046: 1-70 characters
+        form = _receive(_chunks(body), tmp_path, ctype=ctype)
+        assert form.fields == {"model_name": "m"} and form.size_bytes == 2
+        form.discard()
+    else:
+        with pytest.raises(BadRequest, match="boundary"):
+            _receive(_chunks(body), tmp_path, ctype=ctype)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("boundary", ["a b ", "a\x7fb", "a\u00e9b", "a;b\"", "a\\b", "a{b}"])
+def test_boundary_with_characters_outside_rfc2046_is_400(tmp_path: Path, boundary: str) -> None:
+    body = _framed(boundary, [_NAME_PART, _FILE_PART])
+    with pytest.raises((BadRequest, UnsupportedMediaType)):
+        _receive(_chunks(body), tmp_path,
+                 ctype=f'multipart/form-data; boundary="{boundary}"')
+
+
+@pytest.mark.parametrize(
+    ("parts", "says"),
+    [
+        ([_NAME_PART, _NAME_PART, _FILE_PART], "more than once"),
+        ([b"Content-Type: text/plain\r\n\r\nm", _FILE_PART], "name"),
+        ([b'Content-Disposition: form-data; name=""\r\n\r\nm', _FILE_PART], "name"),
+        ([b'Content-Disposition: attachment; name="model_name"\r\n\r\nm', _FILE_PART],
+         "form-data"),
+        ([_NAME_PART, b"\r\n\r\n"], "name"),
+        ([_NAME_PART, b"X-Nothing\r\n\r\nabc"], "header"),
+        ([_NAME_PART] + [b"X-H: v\r\n" * 20 + b"\r\n" + _FILE_PART], "header"),
+    ],
+)
+def test_bad_parts_are_400(tmp_path: Path, parts: list[bytes], says: str) -> None:
+    with pytest.raises(BadRequest, match=says):
+        _receive(_chunks(_framed(BOUNDARY, parts)), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_program_sent_as_a_text_part_is_still_the_program(tmp_path: Path) -> None:
+    # curl -F "program=<file" sends the file without a filename.
+    part = b'Content-Disposition: form-data; name="program"\r\n\r\nPK\x03\x04'
+    form = _receive(_chunks(_framed(BOUNDARY, [_NAME_PART, part])), tmp_path)
+    assert form.fields == {"model_name": "m"}
+    assert form.file_path is not None and form.file_path.read_bytes() == b"PK\x03\x04"
+    form.discard()
+
+
+@pytest.mark.parametrize("cut", [3, 10, 30, 60, 90, 120, 150])
+def test_truncated_body_is_400(tmp_path: Path, cut: int) -> None:
+    body = _framed(BOUNDARY, [_NAME_PART, _FILE_PART])
+    with pytest.raises(BadRequest):
+        _receive(_chunks(body[:-cut], size=7), tmp_path)
+    assert list(tmp_path.iterdir()) == []

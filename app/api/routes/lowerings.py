@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -14,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from app.api.deps import ArtifactsDep, ExecutorDep, SettingsDep, StoreDep
 from app.api.openapi import ERROR_RESPONSES, FORM_SCHEMA
 from app.api.submit import parse_params
-from app.constants import JobStatus
+from app.constants import NAME_PATTERN, JobStatus
 from app.errors import (
     ArtifactCorrupt,
     BadRequest,
@@ -33,6 +34,9 @@ from app.validation.gate import admit_upload
 router = APIRouter(prefix="/v1/lowerings", tags=["lowerings"])
 MULTIPART_OVERHEAD_BYTES = 1 << 20
 POLL_S = 0.2
+MAX_CURSOR = 2**63 - 1  # SQLite's largest integer; nothing larger reaches the database
+MAX_WAIT_QUERY_S = 86_400.0
+JOB_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 def _retry_after_s(waiting: int, settings: Any) -> int:
     # A rough drain time: each worker clears about one typical lowering per ~20 s.
@@ -44,9 +48,10 @@ def _public(job: Job) -> dict[str, Any]:
 
 
 async def _get_or_404(store: JobStore, job_id: str) -> Job:
-    job = await to_thread.run_sync(store.get, job_id)
+    # An id that no job can have never reaches the database (NUL bytes, megabytes).
+    job = await to_thread.run_sync(store.get, job_id) if JOB_ID_RE.fullmatch(job_id) else None
     if job is None:
-        raise NotFound(f"no lowering with id {job_id!r}")
+        raise NotFound(f"no lowering with id {job_id[:80]!r}")
     return job
 
 
@@ -55,7 +60,9 @@ async def _get_or_404(store: JobStore, job_id: str) -> Job:
 async def create_lowering(
     request: Request, settings: SettingsDep, store: StoreDep, executor: ExecutorDep,
     artifacts: ArtifactsDep,
-    wait: Annotated[float | None, Query(ge=0, description="seconds to hold the request")] = None,
+    wait: Annotated[float | None, Query(
+        ge=0, le=MAX_WAIT_QUERY_S, allow_inf_nan=False,
+        description="seconds to hold the request (capped by LOWERING_MAX_WAIT_S)")] = None,
     cache: Annotated[Literal["use", "bypass"], Query(
         description="bypass: lower afresh even if an identical result exists")] = "use",
 ) -> Response:
@@ -66,7 +73,7 @@ async def create_lowering(
             f"{waiting} lowerings are already queued (LOWERING_MAX_QUEUED="
             f"{settings.max_queued}); retry later", retry_after_s=_retry_after_s(waiting, settings))
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > (
+    if declared and re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > (
         settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     ):
         raise PayloadTooLarge(f"upload exceeds the limit of {settings.max_upload_bytes} bytes "
@@ -128,20 +135,15 @@ async def _wait_final(store: JobStore, job_id: str, wait_s: float) -> Job:
 async def list_lowerings(
     store: StoreDep,
     status: JobStatus | None = None,
-    model_name: str | None = None,
+    model_name: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=128)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=20)] = None,
+    cursor: Annotated[int | None, Query(
+        ge=1, le=MAX_CURSOR, description="next_cursor from the previous page")] = None,
 ) -> dict[str, Any]:
     """Jobs, newest first, paged by cursor."""
-    before = None
-    if cursor:
-        if not cursor.isdigit():
-            raise BadRequest("cursor is not valid; pass next_cursor from the previous page",
-                             code="invalid_cursor")
-        before = int(cursor)
     rows = await to_thread.run_sync(lambda: store.list_page(
         status=status.value if status else None, model_name=model_name, limit=limit + 1,
-        before_seq=before))
+        before_seq=cursor))
     next_cursor = str(rows[limit - 1]["seq"]) if len(rows) > limit else None
     return {"items": [_public(job) for job in rows[:limit]], "next_cursor": next_cursor}
 
