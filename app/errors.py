@@ -8,7 +8,8 @@ ServiceError (500)            anything we did not foresee; the body says nothing
  ├── PayloadTooLarge (413)    upload over LOWERING_MAX_UPLOAD_BYTES
  ├── UnsupportedMediaType (415) not multipart, or an upload that is not a zip
  ├── Unprocessable (422)      well-formed but unacceptable: pattern, device, option
- └── TooManyRequests (429)    the queue is full (LOWERING_MAX_QUEUED); carries Retry-After
+ ├── TooManyRequests (429)    the queue is full (LOWERING_MAX_QUEUED); carries Retry-After
+ └── ServiceUnavailable (503) no job can run here now (e.g. the sandbox is missing)
 
 JobError is not an HTTP error: it is a failed job's (code, message, detail), raised
 inside a worker and stored on the job record.
@@ -70,6 +71,11 @@ class Unprocessable(ServiceError):
 class TooManyRequests(ServiceError):
     status = 429
     code = "queue_full"
+
+
+class ServiceUnavailable(ServiceError):
+    status = 503
+    code = "service_unavailable"
 
 
 class JobError(Exception):

@@ -14,7 +14,7 @@ from app import __version__
 from app.api.handlers import register_exception_handlers
 from app.api.routes import health, lowerings
 from app.constants import ErrorCode, JobStatus
-from app.executors.process import ProcessExecutor
+from app.executors.local import LocalExecutor
 from app.jobs.store import JobStore
 from app.settings import Settings
 from app.storage.artifacts import ArtifactStore
@@ -23,7 +23,7 @@ log = logging.getLogger("app")
 MAX_ATTEMPTS = 2
 
 
-def recover_jobs(store: JobStore, executor: ProcessExecutor) -> None:
+def recover_jobs(store: JobStore, executor: LocalExecutor) -> None:
     """After a restart: re-run jobs that were running once, then queue what is queued."""
     for job_id in store.ids_with_status(statuses=[JobStatus.RUNNING]):
         job = store.get(job_id)
@@ -57,11 +57,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for leftover in settings.scratch_dir.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
         store = JobStore(settings.db_url)
-        executor = ProcessExecutor(settings, store)
+        artifacts = ArtifactStore(settings.artifacts_dir)
+        executor = LocalExecutor(settings, store, artifacts)
         executor.start()
         app.state.settings = settings
         app.state.store = store
-        app.state.artifacts = ArtifactStore(settings.artifacts_dir)
+        app.state.artifacts = artifacts
         app.state.executor = executor
         app.state.admit_lock = asyncio.Lock()
         recover_jobs(store, executor)

@@ -6,7 +6,7 @@ import json
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -40,11 +40,16 @@ class Settings(BaseSettings):
     )
     workers: int = Field(default_factory=_default_workers, ge=1, le=64)
     job_timeout_s: float = Field(1800.0, gt=0)
-    max_jobs_per_worker: int = Field(50, ge=1, description="recycle a worker after this many")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0)
     max_queued: int = Field(64, ge=1, description="queued lowerings beyond which submit is 429")
     cache: bool = Field(True, description="serve identical submissions from the result cache")
-    prime_workers: bool = Field(True, description="a tiny lowering in each worker before ready")
+    prime_workers: bool = Field(
+        True, description="a trusted tiny lowering at start fills the shared inductor cache "
+        "(precompiled headers, ISA probes) that jobs read")
+    sandbox: Literal["required", "off"] = Field(
+        "required", description="required: every job runs in bubblewrap and no job runs "
+        "without it; off: jobs run unsandboxed (trusted uploads only; logged loudly)")
+    load_timeout_s: float = Field(120.0, gt=0, description="limit on a job's load phase")
     max_wait_s: float = Field(3600.0, ge=0, description="cap on ?wait=")
     preload_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -53,17 +58,16 @@ class Settings(BaseSettings):
     inductor_cache_dir: Path | None = Field(
         None, description="TORCHINDUCTOR_CACHE_DIR shared by workers; default data_dir/inductor"
     )
-    job_max_memory_bytes: int = Field(
-        default_factory=lambda: _physical_memory_bytes() * 3 // 4, gt=0,
-        description="address-space cap of each worker (RLIMIT_AS)")
+    job_max_memory_bytes: int | None = Field(
+        None, gt=0, description="address-space cap (RLIMIT_AS) of each sandboxed process; "
+        "default 3/4 of RAM shared among the workers")
+    job_max_processes: int = Field(
+        512, ge=16, description="processes all sandboxes may run together (RLIMIT_NPROC)")
     job_max_cpu_s: float | None = Field(
         None, gt=0, description="CPU seconds a job's worker may use; default 4 x job_timeout_s")
     job_max_file_bytes: int = Field(32 * 1024**3, gt=0,
                                     description="largest file a job may write (RLIMIT_FSIZE)")
     max_artifact_bytes: int = Field(16 * 1024**3, gt=0, description="largest archive written")
-    isolate_network: bool = Field(
-        True, description="workers drop into an empty network namespace where allowed "
-        "(only with a file database: workers must reach the DB)")
     verify_rtol: float = Field(1e-4, ge=0)
     verify_atol: float = Field(1e-4, ge=0)
     log_level: str = "info"
@@ -98,6 +102,11 @@ class Settings(BaseSettings):
     @property
     def cpu_limit_s(self) -> float:
         return self.job_max_cpu_s or 4 * self.job_timeout_s
+
+    @property
+    def memory_limit_bytes(self) -> int:
+        """Per sandboxed process; the default keeps all workers together under 3/4 of RAM."""
+        return self.job_max_memory_bytes or _physical_memory_bytes() * 3 // 4 // self.workers
 
     @cached_property
     def db_url(self) -> str:

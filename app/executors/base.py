@@ -1,4 +1,4 @@
-"""What the API needs from an executor; ``process.ProcessExecutor`` is the local one."""
+"""What the API needs from an executor; ``local.LocalExecutor`` is the local one."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 
 class Executor(Protocol):
-    """Runs ``app.worker.run_job(job_id)`` somewhere and records crashes/timeouts.
+    """Runs each job in a fresh sandbox somewhere and records crashes/timeouts.
 
     ``toolchain`` is what a worker reported (torch version, compiler, ISA, CUDA
     devices), None until one has started; ``probe_error`` says why it is missing.
@@ -17,7 +17,11 @@ class Executor(Protocol):
 
     @property
     def ready(self) -> bool:
-        """A worker has started (and primed) and reported its toolchain."""
+        """A job submitted now will run: sandbox works, cache primed, a slot is warm."""
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why no job can run at all (e.g. the sandbox is missing), else None."""
 
     def start(self) -> None:
         """Start workers; returns at once."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 from app.constants import CHUNK_BYTES
 
@@ -24,7 +26,7 @@ def sha256_file(path: Path) -> tuple[str, int]:
 class ArtifactStore:
     """Archives named by their sha256; identical bytes are stored once.
 
-    :param root: directory on the same filesystem as the scratch dir (rename is atomic).
+    :param root: directory the archives live in; writes go through a temp file in it.
     """
 
     def __init__(self, root: Path) -> None:
@@ -37,15 +39,36 @@ class ArtifactStore:
     def path_for(self, sha256: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.pt2"
 
-    def put(self, src: Path) -> tuple[str, int]:
-        """Move ``src`` into the store; returns (sha256, size_bytes)."""
-        sha256, size = sha256_file(src)
+    def put_stream(self, handle: BinaryIO) -> tuple[str, int]:
+        """Copy ``handle`` into the store while hashing it; returns (sha256, size_bytes).
+
+        A copy, not a rename: the source belongs to the sandbox, and the stored file
+        must be ours (owner, mode, no other links to it).
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".incoming-", delete=False) as out:
+            try:
+                while block := handle.read(CHUNK_BYTES):
+                    digest.update(block)
+                    out.write(block)
+                    size += len(block)
+                out.flush()
+                os.fsync(out.fileno())
+            except BaseException:
+                Path(out.name).unlink(missing_ok=True)
+                raise
+        sha256 = digest.hexdigest()
         dest = self.path_for(sha256)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with src.open("rb") as handle:
-            os.fsync(handle.fileno())
-        # Readers either see no file or the complete one: rename is atomic.
-        os.replace(src, dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(out.name, 0o644)
+            # Readers either see no file or the complete one: rename is atomic.
+            os.replace(out.name, dest)
+        except BaseException:
+            Path(out.name).unlink(missing_ok=True)
+            raise
         return sha256, size
 
     def is_intact(self, sha256: str) -> bool:

@@ -27,12 +27,17 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(settings: SettingsDep, store: StoreDep, executor: ExecutorDep) -> JSONResponse:
-    """Ready when a worker has started, the database answers and the data dir is writable."""
+    """Ready when a job submitted now will run: sandbox, primed workers, DB, data dir."""
     checks = await to_thread.run_sync(_checks, settings, store)
-    checks["workers"] = "ok" if executor.ready else (executor.probe_error or "starting")
+    checks["workers"] = "ok" if executor.ready else (executor.unavailable or _slots(executor))
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
                         status_code=200 if ready else 503)
+
+
+def _slots(executor: Any) -> str:
+    errors = [slot["error"] for slot in executor.info().get("slots", []) if slot.get("error")]
+    return f"not ready: {errors[0]}" if errors else "starting"
 
 
 def _checks(settings: Any, store: Any) -> dict[str, str]:
@@ -64,6 +69,7 @@ async def info(settings: SettingsDep, executor: ExecutorDep) -> dict[str, Any]:
         "toolchain": toolchain or None,
         "devices": devices,
         "executor": executor.info(),
+        "sandbox": executor.info().get("sandbox"),
         "limits": {
             "max_upload_bytes": settings.max_upload_bytes,
             "job_timeout_s": settings.job_timeout_s,

@@ -22,6 +22,7 @@ from app.errors import (
     Conflict,
     NotFound,
     PayloadTooLarge,
+    ServiceUnavailable,
     TooManyRequests,
 )
 from app.jobs.cache import admit, cache_key
@@ -67,6 +68,9 @@ async def create_lowering(
         description="bypass: lower afresh even if an identical result exists")] = "use",
 ) -> Response:
     """Upload a program and queue its lowering; with ?wait, answer with the archive."""
+    if executor.unavailable:
+        raise ServiceUnavailable(f"no lowering can run on this service: "
+                                 f"{executor.unavailable}", code="sandbox_unavailable")
     waiting = await to_thread.run_sync(store.count_waiting)
     if waiting >= settings.max_queued:
         raise TooManyRequests(

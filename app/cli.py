@@ -1,0 +1,66 @@
+"""``lowering-service``: serve (the default), or audit the job sandbox.
+
+``lowering-service sandbox-run -- CMD [ARGS...]`` runs CMD exactly as a job's untrusted
+phase runs: same uid, namespaces, mounts, limits, seccomp filter and environment, with
+``python`` on PATH being the worker's interpreter and a fresh scratch dir as cwd (and
+TMPDIR under it). Output passes through; the exit status is CMD's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _sandbox_run(cmd: list[str]) -> int:
+    from app.sandbox.profile import from_settings
+    from app.settings import Settings
+
+    if cmd[:1] == ["--"]:
+        cmd = cmd[1:]
+    if not cmd:
+        print("usage: lowering-service sandbox-run -- CMD [ARGS...]", file=sys.stderr)
+        return 2
+    settings = Settings()
+    settings.ensure_dirs()
+    sandbox = from_settings(settings)
+    if settings.sandbox == "required":
+        status = sandbox.check(Path(tempfile.mkdtemp(dir=settings.scratch_dir, prefix="check-")))
+        if not status.available:
+            print(f"lowering-service: {status.missing}", file=sys.stderr)
+            return 2
+    else:
+        print("lowering-service: LOWERING_SANDBOX=off: running UNSANDBOXED", file=sys.stderr)
+    scratch = Path(tempfile.mkdtemp(dir=settings.scratch_dir, prefix="audit-"))
+    try:
+        sandbox.prepare_scratch(scratch)
+        (scratch / "tmp").mkdir()
+        if sandbox.privileged and settings.sandbox == "required":
+            shutil.chown(scratch / "tmp", 65534, 65534)
+        proc = sandbox.popen(cmd, scratch=scratch, stdin=None, stdout=None, stderr=None)
+        return proc.wait()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lowering-service", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="serve HTTP on LOWERING_HOST:LOWERING_PORT (default)")
+    audit = commands.add_parser("sandbox-run", help="run CMD as a job's untrusted phase runs")
+    audit.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    args = parser.parse_args(argv)
+    if args.command == "sandbox-run":
+        return _sandbox_run(args.cmd)
+    from app.main import run
+
+    run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The process that runs inside the sandbox: ``python -m app.sandbox.child {prime|job}``.
+
+It talks to its supervisor over stdin/stdout, one JSON object a line; stdout is moved
+off fd 1 at start, so g++ and torch print into the log (stderr), never into the
+protocol. Everything it says is untrusted once a job's data is loaded: the supervisor
+bounds and checks it.
+
+- ``prime`` (trusted: it never sees an upload) lowers a built-in model in a private
+  inductor cache; the supervisor then copies what it built (precompiled headers, ISA
+  probes) into the shared cache, which jobs only read. It says ``primed`` and exits.
+- ``job`` warms up before any job data exists: a private inductor cache in /job that
+  links to the read-only shared one, torch and the lowering code imported, the CPU ISA
+  picked, preload modules imported. It says ``{"event": "ready", "toolchain": ...}``,
+  reads one job spec from stdin, lowers /job/input.pt2 into /job/artifact.pt2 and says
+  ``phase`` events, then ``done`` (with result) or ``failed`` (with error), and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+INPUT_NAME = "input.pt2"
+ARTIFACT_NAME = "artifact.pt2"
+log = logging.getLogger("app.sandbox.child")
+
+
+def _channel() -> IO[str]:
+    """The protocol stream (the original stdout); fd 1 becomes the log from now on."""
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return channel
+
+
+def _say(channel: IO[str], event: str, **fields: Any) -> None:
+    channel.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+    channel.flush()
+
+
+def _link_tree(shared: Path, private: Path) -> int:
+    """Mirror the read-only shared cache into ``private`` as symlinks (no locks).
+
+    Inductor finds the trusted precompiled headers and ISA probes there and skips
+    rebuilding them; whatever it writes goes into ``private`` (a write replaces a
+    link by rename), never into the shared cache.
+    """
+    count = 0
+    for root, dirs, files in os.walk(shared):
+        dirs[:] = [d for d in dirs if d != "locks"]
+        rel = Path(root).relative_to(shared)
+        (private / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name.endswith((".lock", ".tmp")):
+                continue
+            (private / rel / name).symlink_to(Path(root) / name)
+            count += 1
+    return count
+
+
+def _toolchain() -> dict[str, Any]:
+    from app.lowering import probe_toolchain
+
+    return json.loads(json.dumps(probe_toolchain(), default=str))
+
+
+def prime(channel: IO[str], cache: Path, job_dir: Path) -> None:
+    """Warm up like a job, then lower our own model; the supervisor publishes the cache."""
+    started = time.monotonic()
+    toolchain, _ = warm(cache, job_dir, [])
+    importlib.import_module("app.lowering").prime(job_dir / "prime")
+    _say(channel, "primed", primed_s=round(time.monotonic() - started, 2), toolchain=toolchain)
+
+
+def warm(cache: Path, job_dir: Path, preload: list[str]) -> tuple[dict[str, Any], float]:
+    """Everything a job needs that does not depend on the job; returns toolchain, seconds."""
+    started = time.monotonic()
+    private = job_dir / "inductor"
+    linked = _link_tree(cache, private)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(private)
+    (job_dir / "tmp").mkdir(exist_ok=True)
+    errors: dict[str, str] = {}
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # jobs that need it fail with unknown_pytree_type
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            print(f"preload of {name!r} failed: {exc}", file=sys.stderr)
+    lowering = importlib.import_module("app.lowering")
+    lowering.use_cache_dir(private, lock_dir=private / "locks")
+    lowering.warm_up()
+    toolchain = _toolchain()
+    toolchain["preload_errors"] = errors
+    log.info("warm in %.2f s (%d cache entries linked)", time.monotonic() - started, linked)
+    return toolchain, round(time.monotonic() - started, 2)
+
+
+def _resources() -> dict[str, Any]:
+    """CPU of this process and of the compilers it waited for, and its peak RSS."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    peak = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) * 1024
+    return {"cpu_s": round(own.ru_utime + own.ru_stime, 3),
+            "children_cpu_s": round(kids.ru_utime + kids.ru_stime, 3), "peak_rss_bytes": peak}
+
+
+def run_job(channel: IO[str], spec: dict[str, Any], job_dir: Path) -> None:
+    from app.errors import JobError
+    from app.lowering import run_lowering
+
+    logging.getLogger().setLevel(logging.INFO)
+    log.info("lowering job %s: model_name=%s backend_id=%s device=%s options=%s",
+             spec["job_id"], spec["model_name"], spec["backend_id"], spec["device"],
+             spec["options"])
+    try:
+        result = run_lowering(
+            program_path=job_dir / INPUT_NAME, out_path=job_dir / ARTIFACT_NAME,
+            model_name=spec["model_name"], backend_id=spec["backend_id"],
+            device=spec["device"], options=spec["options"], verify=spec["verify"],
+            rtol=spec["rtol"], atol=spec["atol"], provenance=spec["provenance"],
+            on_phase=lambda phase: _say(channel, "phase", phase=phase),
+            max_artifact_bytes=spec["max_artifact_bytes"],
+        )
+    except JobError as exc:
+        log.error("job failed: %s", exc)
+        _say(channel, "failed", error=exc.as_dict(), resources=_resources())
+        return
+    except MemoryError:
+        _say(channel, "failed", error={"code": "resource_limit", "detail": {},
+                                       "message": "the job ran out of its memory allowance "
+                                       "(LOWERING_JOB_MAX_MEMORY_BYTES)"},
+             resources=_resources())
+        return
+    _say(channel, "done", result={"timings": result.timings,
+                                  "verification": result.verification,
+                                  "toolchain": result.toolchain},
+         resources=_resources())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    channel = _channel()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    job_dir = Path(os.environ.get("LOWERING_JOB_DIR", os.getcwd()))
+    cache = Path(os.environ.get("LOWERING_SHARED_CACHE", job_dir / "cache"))
+    if args[:1] == ["prime"]:
+        prime(channel, cache, job_dir)
+        return 0
+    preload = [m for m in (args[1] if len(args) > 1 else "").split(",") if m]
+    toolchain, warm_s = warm(cache, job_dir, preload)
+    _say(channel, "ready", toolchain=toolchain, warm_s=warm_s, pid=os.getpid())
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # the supervisor let this sandbox go unused
+    run_job(channel, json.loads(line), job_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
