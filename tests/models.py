@@ -5,12 +5,16 @@ Run ``python -m tests.models OUTDIR`` to write OUTDIR/{name}.pt2 for every model
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
@@ -160,6 +164,140 @@ def save_model(name: str, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(export_model(name), str(path))
+    return path
+
+
+# ---- programs the upload gate must admit (tests/unit/test_gate_*.py) ----------------------
+
+class _OddNames(nn.Module):
+    """ModuleDict keys and buffer names with hyphens; non-ASCII parameter names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict({"layer-1": nn.Linear(4, 4), "layer-2": nn.Linear(4, 4)})
+        self.register_buffer("running-scale", torch.full((4,), 2.0))
+        self.register_parameter("poids_é", nn.Parameter(torch.ones(4)))
+        self.register_parameter("权重", nn.Parameter(torch.full((4,), 0.5)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks["layer-2"](self.blocks["layer-1"](x))
+        return h * getattr(self, "running-scale") + self.poids_é * self.权重
+
+
+class _Deep(nn.Module):
+    """A module path ``inner.inner....linear`` deeper than 65 levels."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.inner: nn.Module = _Deep(depth - 1) if depth else nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+class _Complex32(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.complex64) * 2
+
+
+# Every dtype an exported program can take (schema ScalarType; quantized ones need a quantizer).
+SAVED_DTYPES = (
+    "float32", "float64", "float16", "bfloat16", "complex32", "complex64", "complex128",
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+)
+
+
+class _AllDtypes(nn.Module):
+    """Example inputs of every saved dtype; the graph only reads their shapes."""
+
+    def forward(self, x: torch.Tensor, others: dict[str, torch.Tensor]) -> torch.Tensor:
+        return x * len(others)
+
+
+def _all_dtypes_inputs() -> dict[str, torch.Tensor]:
+    out = {}
+    for name in SAVED_DTYPES:
+        dtype = getattr(torch, name)
+        out[name] = torch.zeros(2, 3, dtype=torch.uint8).view(dtype) if dtype.itemsize == 1 \
+            else torch.zeros(2, 3).to(dtype) if dtype.is_floating_point or dtype.is_complex \
+            else torch.zeros(2, 3, dtype=dtype)
+    return out
+
+
+class _StringArgs(nn.Module):
+    """Ops with string arguments torch.export keeps (and inductor pastes as literals)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.div(x, 2, rounding_mode="floor") + nn.functional.gelu(x, approximate="tanh")
+        return y + torch.einsum("ij,jk->ik", x, x.t())
+
+
+class _Checked(nn.Module):
+    """A data-dependent size: torch.export adds aten._assert_scalar nodes with messages."""
+
+    def forward(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        k = n.item()
+        torch._check(k >= 1)
+        torch._check(k <= 6)
+        return x[:k] * 2
+
+
+GatePoint = collections.namedtuple("GatePoint", ["left", "right"])
+
+
+@dataclasses.dataclass
+class GatePair:
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+pytree._register_namedtuple(GatePoint, serialized_type_name="tests.models.GatePoint")
+pytree.register_dataclass(GatePair, serialized_type_name="tests.models.GatePair")
+
+
+class _Pytrees(nn.Module):
+    """Builtin containers in, registered namedtuple and dataclass out (example inputs are
+    pickled, and only builtin containers may be unpickled by the gate)."""
+
+    def forward(self, t: torch.Tensor, seq: list[torch.Tensor], table: dict[Any, torch.Tensor],
+                ordered: collections.OrderedDict[str, torch.Tensor], nothing: None = None,
+                ) -> Any:
+        total = t + seq[0] + table["k"] + table[1] + ordered["z"]
+        return total, [seq[1]], {"out": ordered["z"]}, None, GatePoint(t, total), \
+            GatePair(t, total)
+
+
+def _pytree_inputs() -> tuple[Any, ...]:
+    r = torch.randn
+    return (r(2), [r(2), r(2)], {"k": r(2), 1: r(2)}, collections.OrderedDict(z=r(2)), None)
+
+
+GATE_BUILDERS: dict[str, Callable[[], ExportedProgram]] = {
+    "odd_names": lambda: torch.export.export(_OddNames().eval(), (torch.randn(2, 4),)),
+    "deep": lambda: torch.export.export(_Deep(70).eval(), (torch.randn(2, 4),)),
+    "complex32": lambda: torch.export.export(
+        _Complex32().eval(), (torch.randn(2, 4).to(torch.complex32),)),
+    "all_dtypes": lambda: torch.export.export(
+        _AllDtypes().eval(), (torch.randn(2), _all_dtypes_inputs())),
+    "string_args": lambda: torch.export.export(_StringArgs().eval(), (torch.randn(4, 4),)),
+    "checked": lambda: torch.export.export(
+        _Checked().eval(), (torch.randn(8, 4), torch.tensor(3))),
+    "pytrees": lambda: torch.export.export(_Pytrees().eval(), _pytree_inputs()),
+    "extra_files": _linear,
+}
+GATE_EXTRA_FILES = {"extra_files": {"notes.txt": "trained on 2024-05-01\n", "cfg/run.json": "{}"}}
+
+
+def save_gate_model(name: str, path: Path | str) -> Path:
+    """Export and save one of GATE_BUILDERS (with its extra files, if any)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # complex32 is "experimental"
+        warnings.simplefilter("ignore")
+        ep = GATE_BUILDERS[name]()
+    torch.export.save(ep, str(path), extra_files=GATE_EXTRA_FILES.get(name))
     return path
 
 

@@ -7,14 +7,20 @@ and checks, in order:
 
 1. zip framing (zipcheck.py): a zip, no encryption, unique safe names, members tiling
    the file with no gaps or overlaps, size, count and ratio caps;
-2. layout (layout.py): only the members torch.export.save writes for one program;
-3. the graph JSON (graph.py, exprs.py), the weights/constants configs (payloads.py)
-   and the example-inputs pickle (pickles.py);
+2. layout (layout.py): only the members torch.export.save writes for one program
+   (extra files included, plain names, UTF-8);
+3. the graph JSON (graph.py, exprs.py, treespec.py, denylist.py), the weights/constants
+   configs (payloads.py) and the example-inputs pickle (pickles.py), each member read
+   under the cap for its type (fixed markers 64 bytes, configs ``max_config_bytes``,
+   the graph ``max_json_bytes``, extra files ``max_extra_bytes``, ...) and every JSON
+   document's value count bounded before it is parsed;
 4. then writes a fresh zip of exactly those members' bytes (rebuild.py), CRC-checked.
 
 Only the rebuilt file ever reaches a worker. Every refusal is one of the service's
-4xx errors naming the member and the rule; any other failure while reading the
-upload becomes ``not_a_pt2_archive``.
+4xx errors naming the member and the rule; running out of memory is
+``upload_too_complex``; any other failure while reading the upload becomes
+``not_a_pt2_archive``. The API runs this in a fresh, resource-limited child process
+(isolated.py), so even a bomb the caps miss cannot take the API down.
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ from pathlib import Path
 from app.errors import ServiceError, Unprocessable, UnsupportedMediaType
 from app.validation.graph import check_graph
 from app.validation.jsondoc import graph_error, load_json
-from app.validation.layout import FIXED_MEMBERS, Layout, check_fixed, layout_error, plan_layout
+from app.validation.layout import (
+    FIXED_MEMBERS,
+    Layout,
+    check_extra,
+    check_fixed,
+    layout_error,
+    plan_layout,
+)
 from app.validation.limits import ArchiveLimits
 from app.validation.payloads import check_payload_config
 from app.validation.pickles import check_example_inputs
@@ -62,11 +75,14 @@ def admit_upload(src: Path, dest: Path, limits: ArchiveLimits) -> GateReport:
             size = fh.seek(0, 2)
             archive, members = scan_zip(fh, size, limits)
             with archive:
-                layout = plan_layout(members)
+                layout = plan_layout(members, limits.max_extra_files)
                 _check_members(archive, layout, limits)
                 rebuilt = rebuild(archive, members, dest)
     except ServiceError:
         raise
+    except MemoryError as exc:
+        raise Unprocessable("checking this upload needed more memory than the gate may use; "
+                            "it is too complex to accept", code="upload_too_complex") from exc
     except RecursionError as exc:
         raise Unprocessable("upload is nested too deeply to check",
                             code="unsupported_layout") from exc
@@ -88,13 +104,18 @@ def _check_members(archive: zipfile.ZipFile, layout: Layout, limits: ArchiveLimi
     for rel, files, prefix in ((layout.weights_config, layout.weights, "weight_"),
                                (layout.constants_config, layout.constants, "tensor_")):
         member = members[rel]
-        doc = load_json(read_member(archive, member, limits.max_json_bytes), where=member.name,
-                        max_depth=limits.max_json_depth, error=layout_error)
+        doc = load_json(read_member(archive, member, limits.max_config_bytes),
+                        where=member.name, max_depth=limits.max_json_depth, error=layout_error,
+                        max_values=limits.max_json_values)
         check_payload_config(doc, member.name, files, prefix, limits)
     graph = members[layout.graph]
     doc = load_json(read_member(archive, graph, limits.max_json_bytes), where=graph.name,
-                    max_depth=limits.max_json_depth, error=graph_error)
+                    max_depth=limits.max_json_depth, error=graph_error,
+                    max_values=limits.max_json_values)
     check_graph(doc, graph.name, limits)
+    del doc
+    for member in layout.extras.values():
+        check_extra(member, read_member(archive, member, limits.max_extra_bytes))
     inputs = members[layout.inputs]
     if inputs.size == 0:
         raise Unprocessable(f"member {inputs.name!r} is empty: the program was exported "

@@ -2,7 +2,8 @@
 
 Run offline, with torch installed: ``python -m app.validation.gen_ops``. The API
 process never imports torch, so it reads the list this writes. Regenerate it when the
-service moves to a new torch; the header records which torch wrote it.
+service moves to a new torch; the header records which torch wrote it. Operators in
+``denylist.py`` are left out (and refused by the graph check whatever this file says).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from app.validation.denylist import denied_reason
+
 OUT = Path(__file__).with_name("ops_allowlist.txt")
 NAMESPACES = ("aten", "prims", "rngprims", "quantized_decomposed")
-# Operators that reach outside the graph's own tensors (read files, profile, debug).
-DENIED = {"aten::from_file", "aten::from_file.out"}
 # Higher-order ops torch.export emits for control flow and functionalization; not the
 # ones that call Python callables, inline assembly or precompiled code.
 HIGHER_ORDER = (
@@ -34,8 +35,6 @@ def generate() -> list[str]:
 
     names: set[str] = set()
     for qualified in torch._C._dispatch_get_all_op_names():
-        if qualified in DENIED:
-            continue
         namespace, _, rest = qualified.partition("::")
         if namespace not in NAMESPACES:
             continue
@@ -46,7 +45,8 @@ def generate() -> list[str]:
     serializer = GraphModuleSerializer.__new__(GraphModuleSerializer)
     names.update(serializer.serialize_operator(op) for op in _SYM_OPS)
     names.add("_operator.getitem")
-    return sorted(names)
+    # denylist.py says why each of these is refused; the graph check refuses them too.
+    return sorted(name for name in names if denied_reason(name) is None)
 
 
 def main() -> int:

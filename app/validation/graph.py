@@ -1,35 +1,45 @@
 """The program's graph JSON (``models/<name>.json``): what it calls and what it names.
 
 Every node target must be in ``ops_allowlist.txt`` (written offline by ``gen_ops``
-from the torch the workers run), every value, parameter, buffer and constant name an
-identifier, every size expression and guard string inside the grammars of
-``exprs.py``, and every declared tensor within the byte cap.
+from the torch the workers run) and not in ``denylist.py``; every string argument inside
+``SAFE_STRING`` (inductor pastes them into C++ unescaped) or, for the few torch writes in
+a fixed form, that form; no ``unsafe`` flag set; value and node names identifiers;
+parameter, buffer and constant names and module paths within the name rules of
+``jsondoc.py``; every size expression and guard string inside the grammars of
+``exprs.py``; every pytree spec in torch's own form (``treespec.py``); and every
+declared tensor within the byte cap.
 """
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from app.validation import exprs
+from app.validation.denylist import STRING_FORMS, UNSAFE_FLAGS, denied_reason
 from app.validation.jsondoc import (
-    DOTTED,
     IDENTIFIER,
+    SAFE_STRING,
     check_text,
     graph_error,
     need_dict,
     need_identifier,
     need_int,
+    need_name,
+    need_python_identifier,
 )
 from app.validation.limits import ArchiveLimits
 from app.validation.payloads import tensor_bytes
+from app.validation.treespec import SpecError, check_namedtuple_fields, check_treespec
 
 ALLOWLIST_PATH = Path(__file__).with_name("ops_allowlist.txt")
 SCHEMA_MAJOR = 8  # torch 2.13 reads export schema 8.x
 _VALUE_TABLES = ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values")
 _FORBIDDEN_KEYS = ("as_custom_obj", "as_custom_objs", "custom_obj", "as_opaque")
+# Keys naming parameters, buffers, constants, inputs: state-dict style names.
+_NAME_KEYS = ("parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name",
+              "user_input_name")
 
 
 @lru_cache(maxsize=1)
@@ -57,7 +67,13 @@ def check_graph(doc: Any, where: str, limits: ArchiveLimits) -> None:
             if value is not None:
                 need_int(value, f"range bound of {key!r}", where, graph_error,
                          low=-(1 << 63), high=1 << 63)
-    _walk(root, where, limits)
+    module = root.get("graph_module")
+    if isinstance(module, dict) and "treespec_namedtuple_fields" in module:
+        try:
+            check_namedtuple_fields(module["treespec_namedtuple_fields"])
+        except SpecError as exc:
+            raise graph_error(f"member {where!r}: pytree namedtuple fields: {exc}") from exc
+    _Walker(where, limits).walk(root)
 
 
 def _list(value: object, where: str) -> list[Any]:
@@ -75,56 +91,99 @@ def _grammar(check: Any, text: object, what: str, where: str, limits: ArchiveLim
         raise graph_error(f"member {where!r}: {what} {str(text)[:80]!r} is refused: {exc}") from exc
 
 
-def _walk(root: dict[str, Any], where: str, limits: ArchiveLimits) -> None:
-    ops = allowed_ops()
-    stack: list[Any] = [root]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-            continue
-        if isinstance(item, str):
-            check_text(item, where, graph_error)
-            continue
-        if not isinstance(item, dict):
-            continue
-        for key, value in item.items():
-            _check_entry(item, key, value, where, limits, ops)
-            stack.append(value)
+class _Walker:
+    def __init__(self, where: str, limits: ArchiveLimits) -> None:
+        self.where, self.limits, self.ops = where, limits, allowed_ops()
+        self.formatted: set[int] = set()  # as_string args already held to a fixed form
 
+    def walk(self, root: dict[str, Any]) -> None:
+        stack: list[Any] = [root]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, list):
+                stack.extend(item)
+                continue
+            if isinstance(item, str):
+                check_text(item, self.where, graph_error)
+                continue
+            if not isinstance(item, dict):
+                continue
+            if "target" in item and "inputs" in item:
+                self._node(item)
+            for key, value in item.items():
+                self._entry(item, key, value)
+                stack.append(value)
 
-def _check_entry(item: dict[str, Any], key: str, value: Any, where: str,
-                 limits: ArchiveLimits, ops: frozenset[str]) -> None:
-    if key in _FORBIDDEN_KEYS or (key == "custom_obj_values" and value):
-        raise graph_error(f"member {where!r}: custom objects ({key}) are not accepted")
-    if key in ("target", "as_operator") and ("inputs" in item or key == "as_operator"):
-        if not isinstance(value, str) or value not in ops:
-            raise graph_error(f"member {where!r}: operator {str(value)[:120]!r} is not in the "
-                              "allowlist of torch operators")
-    elif key == "expr_str":
-        _grammar(exprs.check_sympy_repr, value, "size expression", where, limits)
-    elif key == "name" or key == "as_name":
-        if not (value == "" and "arg" in item):
-            need_identifier(value, "name", where, graph_error)
-    elif key.endswith("_name") and isinstance(value, str):
-        if not DOTTED.fullmatch(value):
-            raise graph_error(f"member {where!r}: {key} {value[:80]!r} is not a dotted "
-                              "identifier")
-    elif key == "fqn":
-        if value != "" and not (isinstance(value, str) and DOTTED.fullmatch(value)):
-            raise graph_error(f"member {where!r}: module path {str(value)[:80]!r} is not a "
-                              "dotted identifier")
-    elif key == "forward_arg_names":
-        for name in _list(value, where):
-            need_identifier(name, "argument name", where, graph_error)
-    elif key in _VALUE_TABLES or key == "custom_obj_values":
-        for name in need_dict(value, key, where, graph_error):
-            need_identifier(name, "value name", where, graph_error)
-        if key == "tensor_values":
-            for name, meta in value.items():
-                _check_tensor_meta(name, meta, where, limits)
-    elif key in ("in_spec", "out_spec") and value is not None:
-        _check_spec(value, where, limits)
+    def _node(self, node: dict[str, Any]) -> None:
+        target = node["target"]
+        for named in _list(node["inputs"], self.where):
+            if not isinstance(named, dict) or not isinstance(named.get("arg"), dict):
+                continue
+            name, arg = named.get("name"), named["arg"]
+            if name in UNSAFE_FLAGS and arg.get("as_bool") not in (None, False):
+                raise graph_error(f"member {self.where!r}: {str(target)[:120]} sets "
+                                  f"{name}=True, which switches its bounds checks off")
+            form = STRING_FORMS.get((target, name)) if isinstance(name, str) else None
+            if form is not None and "as_string" in arg:
+                value = arg["as_string"]
+                if not (isinstance(value, str) and form.fullmatch(value)):
+                    raise graph_error(f"member {self.where!r}: {target} {name} "
+                                      f"{str(value)[:80]!r} is not the assert message torch "
+                                      "writes (Runtime assertion failed for expression ... "
+                                      "on node '...')")
+                self.formatted.add(id(arg))
+
+    def _string_arg(self, value: object, what: str) -> None:
+        if not (isinstance(value, str) and SAFE_STRING.fullmatch(value)) or "??" in value:
+            raise graph_error(
+                f"member {self.where!r}: {what} {str(value)[:80]!r} holds characters outside "
+                "[A-Za-z0-9 _.,:;=+-*/()<>[]#@!?%] (no quotes, backslashes, braces, control "
+                "characters or newlines): inductor pastes string arguments into C++ unescaped")
+
+    def _entry(self, item: dict[str, Any], key: str, value: Any) -> None:
+        where, limits = self.where, self.limits
+        if key in _FORBIDDEN_KEYS or (key == "custom_obj_values" and value):
+            raise graph_error(f"member {where!r}: custom objects ({key}) are not accepted")
+        if key in ("target", "as_operator") and ("inputs" in item or key == "as_operator"):
+            reason = denied_reason(value) if isinstance(value, str) else None
+            if reason:
+                raise graph_error(f"member {where!r}: operator {value} is denied: {reason}")
+            if not isinstance(value, str) or value not in self.ops:
+                raise graph_error(f"member {where!r}: operator {str(value)[:120]!r} is not in "
+                                  "the allowlist of torch operators")
+        elif key == "as_string":
+            if id(item) not in self.formatted:
+                self._string_arg(value, "string argument")
+        elif key == "as_strings":
+            for text in _list(value, where):
+                self._string_arg(text, "string argument")
+        elif key == "as_string_to_argument":
+            for text in need_dict(value, key, where, graph_error):
+                self._string_arg(text, "string-keyed argument")
+        elif key == "expr_str":
+            _grammar(exprs.check_sympy_repr, value, "size expression", where, limits)
+        elif key == "name" or key == "as_name":
+            if not (value == "" and "arg" in item):
+                need_identifier(value, "name", where, graph_error)
+        elif key in _NAME_KEYS:
+            need_name(value, key, where, graph_error)
+        elif key == "fqn":
+            if value != "":
+                need_name(value, "module path", where, graph_error)
+        elif key == "forward_arg_names":
+            for name in _list(value, where):
+                need_python_identifier(name, "argument name", where, graph_error)
+        elif key in _VALUE_TABLES or key == "custom_obj_values":
+            for name in need_dict(value, key, where, graph_error):
+                need_identifier(name, "value name", where, graph_error)
+            if key == "tensor_values":
+                for name, meta in value.items():
+                    _check_tensor_meta(name, meta, where, limits)
+        elif key in ("in_spec", "out_spec") and value is not None:
+            try:
+                check_treespec(value, limits=limits)
+            except SpecError as exc:
+                raise graph_error(f"member {where!r}: pytree spec {key} {exc}") from exc
 
 
 def _check_tensor_meta(name: str, meta: Any, where: str, limits: ArchiveLimits) -> None:
@@ -137,28 +196,6 @@ def _check_tensor_meta(name: str, meta: Any, where: str, limits: ArchiveLimits) 
             raise graph_error(f"member {where!r}: tensor {name!r} declares {sizes} of dtype "
                               f"{meta.get('dtype')!r}, over the {limits.max_tensor_bytes}-byte "
                               "cap or not a known dtype")
-
-
-def _check_spec(value: Any, where: str, limits: ArchiveLimits) -> None:
-    if not isinstance(value, str) or len(value) > limits.max_json_bytes:
-        raise graph_error(f"member {where!r}: a pytree spec is not a string")
-    try:
-        spec = json.loads(value)
-    except Exception as exc:
-        raise graph_error(f"member {where!r}: a pytree spec is not JSON") from exc
-    stack: list[Any] = [spec]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            kind = item.get("type")
-            if kind is not None and not (isinstance(kind, str) and DOTTED.fullmatch(kind)):
-                raise graph_error(f"member {where!r}: pytree type {str(kind)[:80]!r} is not a "
-                                  "dotted name")
-            stack.extend(item.values())
-        elif isinstance(item, str):
-            check_text(item, where, graph_error)
 
 
 __all__ = ["allowed_ops", "check_graph", "IDENTIFIER"]

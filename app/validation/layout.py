@@ -12,10 +12,14 @@ For a program named M (torch names it ``model``) under one root folder, torch 2.
     data/constants/M_constants_config.json  raw tensor constants: tensor_<i> files
     data/sample_inputs/M.pt              example inputs, a torch.save zip (pickles.py)
     data/weights/weight_<i>, data/constants/tensor_<i>
+    extra/<name>                         torch.export.save(extra_files=...): UTF-8 text
+                                         that torch.export.load hands back as strings
 
-Everything else torch's loader would act on is refused: compiled code
-(``data/aotinductor/``), pickled weights or constants, ``custom_obj_*`` /
-``opaque_obj_*`` constants, legacy ``.pt`` weight files, extra files.
+Extra files are kept (and carried into the rebuilt archive) when their names are plain
+(``[A-Za-z0-9_][A-Za-z0-9_.-]*`` parts, at most 8 deep), their number and sizes within
+the caps and their bytes UTF-8. Everything else torch's loader would act on is refused:
+compiled code (``data/aotinductor/``), pickled weights or constants, ``custom_obj_*`` /
+``opaque_obj_*`` constants, legacy ``.pt`` weight files.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ _FIXED = {
 _MODEL = re.compile(r"models/([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})\.json")
 _WEIGHT = re.compile(r"data/weights/weight_[0-9]{1,9}")
 _CONSTANT = re.compile(r"data/constants/tensor_[0-9]{1,9}")
+EXTRA_DIR = "extra/"
+_EXTRA = re.compile(r"extra/[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(/[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})"
+                    r"{0,7}")
 REQUIRED = ("archive_format", "archive_version")
 
 
@@ -54,6 +61,7 @@ class Layout:
     members: dict[str, Member]
     weights: dict[str, Member] = field(default_factory=dict)
     constants: dict[str, Member] = field(default_factory=dict)
+    extras: dict[str, Member] = field(default_factory=dict)
 
     @property
     def graph(self) -> str:
@@ -96,7 +104,7 @@ def _refuse(rel: str, full: str) -> None:
                            "accepted; save again with torch.export.save")
 
 
-def plan_layout(members: list[Member]) -> Layout:
+def plan_layout(members: list[Member], max_extra_files: int = 32) -> Layout:
     """Sort the members into a Layout, refusing any that torch.export.save never writes."""
     root = _root(members)
     by_rel = {m.rel: m for m in members}
@@ -122,6 +130,14 @@ def plan_layout(members: list[Member]) -> Layout:
             layout.weights[rel.rsplit("/", 1)[1]] = member
         elif _CONSTANT.fullmatch(rel):
             layout.constants[rel.rsplit("/", 1)[1]] = member
+        elif rel.startswith(EXTRA_DIR):
+            if not _EXTRA.fullmatch(rel):
+                raise layout_error(f"member {member.name!r}: extra file names must be plain "
+                                   "([A-Za-z0-9_][A-Za-z0-9_.-]* parts, at most 8 deep)")
+            layout.extras[rel] = member
+            if len(layout.extras) > max_extra_files:
+                raise layout_error(f"archive holds more than {max_extra_files} extra files "
+                                   "(LOWERING_ARCHIVE_MAX_EXTRA_FILES)")
         else:
             raise layout_error(f"member {member.name!r} is not one torch.export.save writes")
     if layout.inputs not in by_rel:
@@ -132,6 +148,15 @@ def plan_layout(members: list[Member]) -> Layout:
         if rel not in by_rel:
             raise layout_error(f"archive has no {rel} member: not written by torch.export.save")
     return layout
+
+
+def check_extra(member: Member, data: bytes) -> None:
+    """An extra file holds UTF-8 text: torch.export.load decodes it as such."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise layout_error(f"member {member.name!r} is not UTF-8 text; torch.export.save "
+                           "writes extra files as UTF-8 strings") from exc
 
 
 def check_fixed(rel: str, member: Member, data: bytes) -> None:

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from app.errors import Unprocessable
-from app.validation.jsondoc import DOTTED, need_dict, need_int
+from app.validation.jsondoc import need_dict, need_int, need_name
 from app.validation.limits import ArchiveLimits
 from app.validation.zipcheck import Member
 
@@ -63,9 +63,7 @@ def check_payload_config(doc: Any, where: str, files: dict[str, Member], prefix:
         raise _layout_error(f"member {where!r} must hold only a 'config' object")
     used: set[str] = set()
     for fqn, meta in need_dict(root["config"], "config", where, _layout_error).items():
-        if not DOTTED.fullmatch(fqn):
-            raise _layout_error(f"member {where!r}: name {fqn[:80]!r} is not a dotted "
-                                "identifier")
+        need_name(fqn, "name", where, _layout_error)
         meta = need_dict(meta, fqn, where, _layout_error)
         path = meta.get("path_name")
         if meta.get("use_pickle") is not False:

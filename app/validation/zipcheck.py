@@ -190,6 +190,8 @@ def read_member(archive: zipfile.ZipFile, member: Member, cap: int, where: str =
     try:
         with archive.open(member.info) as src:
             data = src.read(cap + 1)
+    except MemoryError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
         raise _bad(f"{where}{member.name}", f"unreadable ({exc})") from exc
     except Exception as exc:  # zlib.error and friends from a corrupt deflate stream
@@ -197,3 +199,26 @@ def read_member(archive: zipfile.ZipFile, member: Member, cap: int, where: str =
     if len(data) != member.size:
         raise _bad(f"{where}{member.name}", "size differs from its directory entry")
     return data
+
+
+def drain_member(archive: zipfile.ZipFile, member: Member, cap: int, where: str = "",
+                 chunk: int = 1 << 20) -> None:
+    """Read the member through once in chunks (so its CRC is checked) without holding it."""
+    if member.size > cap:
+        raise PayloadTooLarge(f"{where}member {member.name!r} is {member.size} bytes; the "
+                              f"limit for it is {cap}", code="archive_too_large")
+    seen = 0
+    try:
+        with archive.open(member.info) as src:
+            while block := src.read(chunk):
+                seen += len(block)
+                if seen > member.size:
+                    break
+    except MemoryError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
+        raise _bad(f"{where}{member.name}", f"unreadable ({exc})") from exc
+    except Exception as exc:  # zlib.error and friends from a corrupt deflate stream
+        raise _bad(f"{where}{member.name}", f"unreadable ({type(exc).__name__})") from exc
+    if seen != member.size:
+        raise _bad(f"{where}{member.name}", "size differs from its directory entry")
