@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.validation.limits import ArchiveLimits
+from app.validation.limits import ArchiveLimits, GateResources
 
 
 def _default_workers() -> int:
@@ -83,6 +83,22 @@ class Settings(BaseSettings):
         None, gt=0, description="bytes one declared tensor may take; default the member cap")
     graph_max_json_bytes: int = Field(256 * 1024**2, gt=0, description="one JSON member")
     graph_max_depth: int = Field(200, ge=8, description="JSON nesting depth")
+    archive_max_config_bytes: int = Field(
+        8 * 1024**2, gt=0, description="a weights/constants config JSON (~300 bytes a tensor)")
+    archive_max_json_values: int = Field(
+        4_000_000, gt=0, description="values in one JSON member, bounded before parsing")
+    archive_max_extra_files: int = Field(32, ge=0, description="extra/ files kept in an upload")
+    archive_max_extra_bytes: int = Field(1024**2, gt=0, description="one extra/ file")
+    archive_max_example_tensor_bytes: int = Field(
+        256 * 1024**2, gt=0,
+        description="numel x element size of one example-input tensor (strides ignored)")
+    archive_max_example_bytes: int = Field(
+        1024**3, gt=0, description="numel x element size of all example-input tensors")
+    gate_concurrency: int = Field(2, ge=1, description="upload checks running at once")
+    gate_max_memory_bytes: int = Field(
+        1024**3, ge=64 * 1024**2, description="address space of one upload-check process")
+    gate_max_cpu_s: float = Field(60.0, gt=0, description="CPU seconds of one upload check")
+    gate_timeout_s: float = Field(120.0, gt=0, description="wall-clock cap on one upload check")
 
     @field_validator("preload_modules", mode="before")
     @classmethod
@@ -142,7 +158,19 @@ class Settings(BaseSettings):
             max_json_bytes=self.graph_max_json_bytes, max_json_depth=self.graph_max_depth,
             max_inputs_bytes=self.archive_max_inputs_bytes,
             max_tensor_bytes=self.archive_max_tensor_bytes or member,
+            max_config_bytes=self.archive_max_config_bytes,
+            max_json_values=self.archive_max_json_values,
+            max_extra_files=self.archive_max_extra_files,
+            max_extra_bytes=self.archive_max_extra_bytes,
+            max_example_tensor_bytes=self.archive_max_example_tensor_bytes,
+            max_example_bytes=self.archive_max_example_bytes,
         )
+
+    def gate_resources(self) -> GateResources:
+        """What one upload check's child process may use, and how many run at once."""
+        return GateResources(concurrency=self.gate_concurrency,
+                             max_memory_bytes=self.gate_max_memory_bytes,
+                             max_cpu_s=self.gate_max_cpu_s, timeout_s=self.gate_timeout_s)
 
     def ensure_dirs(self) -> None:
         for path in (self.uploads_dir, self.artifacts_dir, self.logs_dir, self.scratch_dir,

@@ -1,4 +1,4 @@
-"""Caps the upload gate enforces; built from Settings, reported by /v1/info."""
+"""Caps the upload gate enforces and what its child process may use; built from Settings."""
 
 from __future__ import annotations
 
@@ -49,3 +49,20 @@ class ArchiveLimits:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class GateResources:
+    """What one gate child may use, and how many run at once.
+
+    Parameters:
+        concurrency: checks running at the same time (the rest wait their turn).
+        max_memory_bytes: the child's address space (RLIMIT_AS).
+        max_cpu_s: the child's CPU seconds (RLIMIT_CPU).
+        timeout_s: wall-clock seconds before the child is killed.
+    """
+
+    concurrency: int = 2
+    max_memory_bytes: int = 1024**3
+    max_cpu_s: float = 60.0
+    timeout_s: float = 120.0

@@ -6,13 +6,14 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import Server
-from tests.factories import rewrite_zip, submit
+from tests.factories import rewrite_zip, submit, zip_bytes
 
 JOB_FILE = re.compile(r"[0-9a-f]{32}\.pt2")
 
@@ -42,8 +43,48 @@ def _read(source: Path, name: str) -> bytes:
         return archive.read(name)
 
 
+def _linear_graph_with(source: Path, change: Callable[[dict], None]) -> bytes:
+    doc = json.loads(_read(source, "linear/models/model.json"))
+    change(doc)
+    return rewrite_zip(source, add={"linear/models/model.json": json.dumps(doc).encode()})
+
+
+def _cpp_breakout(doc: dict) -> None:
+    node = doc["graph_module"]["graph"]["nodes"][0]
+    node["target"] = "torch.ops.aten._assert_async.msg"
+    node["inputs"] = [{"name": "self", "arg": {"as_tensor": {"name": "x"}}, "kind": 1},
+                      {"name": "assert_msg", "arg": {"as_string": '"); abort(); //'},
+                       "kind": 1}]
+
+
+def _enum_spec(doc: dict) -> None:
+    signature = doc["graph_module"]["module_call_graph"][0]["signature"]
+    spec = json.loads(signature["in_spec"])
+    spec[1]["context"] = json.dumps({"__enum__": True, "fqn": "os:system", "name": "x"})
+    signature["in_spec"] = json.dumps(spec)
+
+
+def _expanded_inputs(source: Path) -> bytes:
+    """The example input (4, 16) floats rewritten as a stride-0 view of 2**32 x 16."""
+    import io
+    import zipfile
+
+    inputs = "linear/data/sample_inputs/model.pt"
+    inner: dict[str, bytes] = {}
+    with zipfile.ZipFile(io.BytesIO(_read(source, inputs))) as archive:
+        for info in archive.infolist():
+            inner[info.filename] = archive.read(info)
+    pkl = inner["archive/data.pkl"]
+    sizes, strides = b"K\x04K\x10\x86", b"K\x10K\x01\x86"
+    assert pkl.count(sizes) == 1 and pkl.count(strides) == 1
+    inner["archive/data.pkl"] = pkl.replace(sizes, b"\x8a\x05\x00\x00\x00\x00\x01K\x10\x86"
+                                            ).replace(strides, b"K\x00K\x00\x86")
+    return rewrite_zip(source, add={inputs: zip_bytes(inner)})
+
+
 @pytest.mark.parametrize("case", ["pickled_inputs", "pickled_weights", "aoti_folder",
-                                  "sympy_eval", "zip_slip", "bomb"])
+                                  "sympy_eval", "zip_slip", "bomb", "cpp_string",
+                                  "enum_spec", "expanded_inputs", "pow_bomb"])
 def test_hostile_upload_is_refused(client: httpx.Client, server: Server, programs: Path,
                                    tmp_path: Path, case: str) -> None:
     marker = tmp_path / "MARKER"
@@ -63,6 +104,15 @@ def test_hostile_upload_is_refused(client: httpx.Client, server: Server, program
         code = "unsupported_layout"
     elif case == "sympy_eval":
         payload = _graph_with(dynamic, f"__import__('os').system('touch {marker}')")
+        code = "unsafe_graph"
+    elif case == "cpp_string":
+        payload, code = _linear_graph_with(linear, _cpp_breakout), "unsafe_graph"
+    elif case == "enum_spec":
+        payload, code = _linear_graph_with(linear, _enum_spec), "unsafe_graph"
+    elif case == "expanded_inputs":
+        payload = _expanded_inputs(linear)
+    elif case == "pow_bomb":
+        payload = _graph_with(dynamic, "Pow(Integer(10), Integer(18446744073709551615))")
         code = "unsafe_graph"
     elif case == "zip_slip":
         payload = rewrite_zip(linear, add={"linear/../../../tmp/evil.so": b"x"})
@@ -92,6 +142,8 @@ def test_info_reports_gate_limits(client: httpx.Client) -> None:
     archive = client.get("/v1/info").json()["limits"]["archive"]
     assert archive["max_total_bytes"] == 2 * 8 * 1024 * 1024  # 2 x the server's upload cap
     assert {"max_members", "max_ratio", "max_json_depth", "max_json_bytes"} <= set(archive)
+    assert {"max_config_bytes", "max_json_values", "max_extra_files", "max_extra_bytes",
+            "max_example_tensor_bytes", "max_example_bytes"} <= set(archive)
 
 
 @pytest.mark.slow

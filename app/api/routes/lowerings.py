@@ -30,7 +30,7 @@ from app.jobs.store import Job, JobStore
 from app.schemas import LoweringPublic, LoweringsPublic
 from app.storage.artifacts import ArtifactStore
 from app.storage.uploads import receive_form
-from app.validation.gate import admit_upload
+from app.validation.isolated import run_gate
 
 router = APIRouter(prefix="/v1/lowerings", tags=["lowerings"])
 MULTIPART_OVERHEAD_BYTES = 1 << 20
@@ -93,9 +93,10 @@ async def create_lowering(
             raise BadRequest("form field 'program' (the .pt2 file) is required",
                              code="missing_field")
         job_id = uuid.uuid4().hex
-        # Only the gate's rebuilt copy of the validated members ever reaches a worker.
-        await to_thread.run_sync(admit_upload, form.file_path,
-                                 settings.uploads_dir / f"{job_id}.pt2", settings.archive_limits())
+        # Only the gate's rebuilt copy of the validated members ever reaches a worker. The
+        # gate runs in a fresh, resource-limited child process, a few at a time.
+        await run_gate(form.file_path, settings.uploads_dir / f"{job_id}.pt2",
+                       settings.archive_limits(), settings.gate_resources())
     finally:
         form.discard()
     fields = {
