@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.api.submit import parse_params
-from app.errors import BadRequest, Unprocessable
+from app.errors import BadRequest, ServiceError, Unprocessable
 from app.options import ALLOWED_OPTIONS, parse_options
 from app.settings import Settings
+from tests.strategies import form_fields, options_json
 
 
 def test_defaults() -> None:
@@ -97,3 +102,26 @@ def test_options_limits_leave_real_options_alone() -> None:
 def test_hostile_tolerances_are_422(raw: str) -> None:
     with pytest.raises(Unprocessable, match="rtol"):
         parse_params({"model_name": "m", "rtol": raw}, settings=Settings(), cuda_devices=0)
+
+
+@given(fields=form_fields, cuda=st.sampled_from([None, 0, 2]))
+@settings(max_examples=400, deadline=None, database=None)
+def test_fuzzed_form_fields_are_accepted_or_a_4xx(fields: dict[str, str],
+                                                   cuda: int | None) -> None:
+    try:
+        params = parse_params(fields, settings=Settings(), cuda_devices=cuda)
+    except ServiceError as exc:
+        assert 400 <= exc.status < 500 and exc.message
+        exc.message.encode("utf-8")  # the JSON error body must be encodable
+    else:
+        assert json.loads(json.dumps(params.as_fields(), allow_nan=False)) == params.as_fields()
+
+
+@given(raw=options_json)
+@settings(max_examples=300, deadline=None, database=None)
+def test_fuzzed_options_json_is_accepted_or_a_4xx(raw: str) -> None:
+    try:
+        parse_options(raw)
+    except ServiceError as exc:
+        assert 400 <= exc.status < 500 and exc.message
+        exc.message.encode("utf-8")

@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from app.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.storage.uploads import receive_form
+from tests.strategies import RawMultipart, multipart_bodies
 
 BOUNDARY = "b0undary"
 CTYPE = f"multipart/form-data; boundary={BOUNDARY}"
@@ -135,4 +138,21 @@ def test_truncated_body_is_400(tmp_path: Path, cut: int) -> None:
     body = _framed(BOUNDARY, [_NAME_PART, _FILE_PART])
     with pytest.raises(BadRequest):
         _receive(_chunks(body[:-cut], size=7), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@given(raw=multipart_bodies(), chunk=st.integers(1, 5000))
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def test_fuzzed_multipart_is_parsed_or_a_4xx(tmp_path: Path, raw: RawMultipart,
+                                              chunk: int) -> None:
+    try:
+        form = _receive(_chunks(raw.body, size=chunk), tmp_path,
+                        ctype=raw.content_type.decode("latin-1"))
+    except ServiceError as exc:
+        assert 400 <= exc.status < 500, exc
+        assert exc.message
+    else:
+        assert all(isinstance(v, str) for v in form.fields.values())
+        form.discard()
     assert list(tmp_path.iterdir()) == []
