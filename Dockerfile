@@ -1,6 +1,7 @@
-# The lowering service on CPU: FastAPI + a pool of AOTInductor workers.
+# The lowering service on CPU: FastAPI + AOTInductor jobs, each in a fresh bubblewrap sandbox.
 #   docker build -t lowering-service .
-#   docker run -p 8000:8000 -v lowering-data:/data lowering-service
+#   docker run -p 8000:8000 -v lowering-data:/data \
+#     --security-opt seccomp=unconfined --security-opt apparmor=unconfined lowering-service
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -8,13 +9,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # g++ is needed at run time, not just build time: AOTInductor compiles the C++ it
-# generates for every lowering job inside the worker processes.
+# generates for every lowering job inside the job sandbox. bubblewrap is that sandbox
+# (LOWERING_SANDBOX=required refuses jobs without it) and libseccomp2 compiles its
+# seccomp filter. The container needs user namespaces: see docker-compose.yml.
 # DL3008 (pin apt versions) is ignored: g++ is Debian's default-compiler metapackage, and
 # a pinned version disappears from the archive whenever the base image moves to a new
 # Debian point release, breaking the build; each job records the compiler it used.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ \
+    && apt-get install -y --no-install-recommends g++ bubblewrap libseccomp2 \
     && rm -rf /var/lib/apt/lists/*
 
 # torch first and on its own layer: it is ~200 MB and changes far less often than the app.

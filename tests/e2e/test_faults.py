@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from tests.conftest import ROOT, Server
 from tests.factories import leftover_uploads, submit, wait_for
 
 pytestmark = pytest.mark.slow
+COMPILERS = ("cc1plus", "g++", "x86_64-linux-gnu-g++-12", "c++")
 
 
 def _gone(pid: int, timeout_s: float = 30) -> bool:
@@ -33,46 +35,138 @@ def _gone(pid: int, timeout_s: float = 30) -> bool:
     return False
 
 
-def _workers(server: Server) -> list[int]:
-    return [child.pid for child in psutil.Process(server.proc.pid).children(recursive=False)
-            if "python" in child.name()]
+def _sandboxes(server: Server) -> list[psutil.Process]:
+    """The server's bwrap processes: one warm or running sandbox per slot."""
+    return [child for child in psutil.Process(server.proc.pid).children(recursive=False)
+            if child.name() == "bwrap"]
+
+
+def _next_sandbox(server: Server, *, exclude: set[int], timeout_s: float = 60) -> psutil.Process:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fresh = [p for p in _sandboxes(server) if p.pid not in exclude and _alive(p)]
+        if fresh:
+            return fresh[0]
+        time.sleep(0.05)
+    raise AssertionError("no new sandbox was started")
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _compiling_tree(pid: int, timeout_s: float = 120) -> list[psutil.Process]:
+    """The sandbox's processes once a compiler runs in it (g++/cc1plus)."""
+    deadline = time.monotonic() + timeout_s
+    seen: dict[int, psutil.Process] = {}
+    while time.monotonic() < deadline:
+        try:
+            tree = _tree(pid)
+        except psutil.NoSuchProcess:
+            break
+        seen.update((p.pid, p) for p in tree)
+        with contextlib.suppress(psutil.Error):
+            if any(p.name() in COMPILERS for p in tree if p.is_running()):
+                return tree
+        time.sleep(0.05)
+    raise AssertionError(f"no compiler ran in the job's sandbox (saw {len(seen)} processes)")
+
+
+def _all_gone(processes: list[psutil.Process], timeout_s: float = 15) -> list[str]:
+    """Names of the processes still alive after ``timeout_s`` (must be none)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [p for p in processes if _alive(p)]
+        if not alive:
+            return []
+        time.sleep(0.1)
+    return [f"{p.pid}:{p.name()}" for p in processes if _alive(p)]
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_api_process_never_imports_torch(server: Server) -> None:
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert "libtorch" not in maps
     code = ("import sys; from app.main import create_app; import app.worker, app.client.cli; "
+            "import app.cli, app.executors.local; "
             "create_app(); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def test_cancel_running_job_kills_and_replaces_worker(
+def test_cancel_kills_the_whole_sandbox_compilers_included(
     client: httpx.Client, server: Server, programs: Path
 ) -> None:
     job_id = submit(client, programs / "slow.pt2", model_name="slow_cancel").json()["id"]
     running = wait_for(client, job_id, until={"running"}, phase="lower")
+    tree = _compiling_tree(running["worker_pid"])
     response = client.post(f"/v1/lowerings/{job_id}/cancel")
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
-    assert _gone(running["worker_pid"]), "the cancelled job's worker is still alive"
+    assert _all_gone(tree) == [], "processes of the cancelled job outlived it"
     assert client.get(f"/v1/lowerings/{job_id}").json()["status"] == "cancelled"
     assert client.post(f"/v1/lowerings/{job_id}/cancel").status_code == 409
     assert client.get(f"/v1/lowerings/{job_id}/artifact").status_code == 409
 
 
-def test_sigkilled_worker_fails_only_its_job(
+def test_sigkilled_sandbox_fails_only_its_job(
     client: httpx.Client, server: Server, programs: Path
 ) -> None:
     job_id = submit(client, programs / "slow.pt2", model_name="slow_kill").json()["id"]
     running = wait_for(client, job_id, until={"running"}, phase="lower")
+    tree = _compiling_tree(running["worker_pid"])
     os.kill(running["worker_pid"], signal.SIGKILL)
     job = wait_for(client, job_id, until={"failed"})
     assert job["error"]["code"] == "worker_crashed", job["error"]
-    assert "replaced" in job["error"]["message"]
-    assert not (server.data_dir / "scratch" / job_id).exists()
-    # The pool replaced the worker: a new job still lowers.
+    assert "died" in job["error"]["message"]
+    assert _all_gone(tree) == []
+    # The slot warmed a new sandbox: a new job still lowers.
     after = submit(client, programs / "linear.pt2", wait=600, model_name="after_kill")
     assert after.status_code == 200, after.text
     assert client.get("/healthz").status_code == 200
+
+
+def test_idle_sandboxes_killed_are_replaced_and_readyz_tells(
+    start_server: Callable[..., Server], programs: Path
+) -> None:
+    server = start_server(workers=1)
+    with server.client() as http:
+        killed: set[int] = set()
+        for _ in range(3):  # the OOM killer picking idle workers, again and again
+            idle = _next_sandbox(server, exclude=killed)
+            tree = _tree(idle.pid)
+            idle.kill()
+            killed.add(idle.pid)
+            assert _all_gone(tree) == []
+        deadline = time.monotonic() + 5
+        states = []
+        while time.monotonic() < deadline:  # not ready while no sandbox is warm
+            states.append(http.get("/readyz").status_code)
+            if 503 in states:
+                break
+            time.sleep(0.05)
+        assert 503 in states, "readyz said ready while no sandbox was warm"
+        server.wait_ready()
+        done = submit(http, programs / "kwargs.pt2", wait=600, model_name="after_idle_kill")
+        assert done.status_code == 200, done.text
+
+
+def test_api_crash_takes_every_sandbox_with_it(
+    start_server: Callable[..., Server], programs: Path
+) -> None:
+    server = start_server(workers=1)
+    with server.client() as http:
+        job_id = submit(http, programs / "slow.pt2", model_name="orphaned").json()["id"]
+        running = wait_for(http, job_id, until={"running"}, phase="lower")
+        tree = _compiling_tree(running["worker_pid"])
+        server.proc.kill()
+        server.proc.wait()
+    assert _all_gone(tree) == [], "a compiler outlived the service"
 
 
 def test_unknown_pytree_type_names_the_module(client: httpx.Client, programs: Path) -> None:
@@ -88,17 +182,19 @@ def test_timeout_then_restart_keeps_jobs_and_preloads(
     start_server: Callable[..., Server], programs: Path, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "data"
-    first = start_server(data_dir, workers=1, job_timeout_s=3)
+    first = start_server(data_dir, workers=1, job_timeout_s=12)
     with first.client() as http:
         slow_id = submit(http, programs / "slow.pt2", model_name="slow_timeout").json()["id"]
+        running = wait_for(http, slow_id, until={"running"}, phase="lower")
+        tree = _compiling_tree(running["worker_pid"])
         timed_out = wait_for(http, slow_id, timeout_s=120)
+        assert _all_gone(tree) == [], "the timed-out job's compiler ran on"
         assert timed_out["status"] == "failed"
         assert timed_out["error"]["code"] == "timeout", timed_out["error"]
         assert "LOWERING_JOB_TIMEOUT_S" in timed_out["error"]["message"]
     first.stop()
 
-    second = start_server(data_dir, workers=1, preload_modules="tests.pytree_types",
-                          max_jobs_per_worker=1)
+    second = start_server(data_dir, workers=1, preload_modules="tests.pytree_types")
     with second.client() as http:
         done = submit(http, programs / "custom_output.pt2", wait=600, model_name="custom")
         assert done.status_code == 200, done.text  # the preloaded module makes it loadable
@@ -107,7 +203,7 @@ def test_timeout_then_restart_keeps_jobs_and_preloads(
         assert other.status_code == 200, other.text
         pids = [http.get(f"/v1/lowerings/{job_id}").json()["worker_pid"]
                 for job_id in (done_id, other.headers["x-lowering-id"])]
-        assert pids[0] != pids[1], "the worker was not recycled after max_jobs_per_worker"
+        assert pids[0] != pids[1], "two jobs ran in the same sandboxed process"
     second.stop()
 
     third = start_server(data_dir, workers=1)
@@ -144,13 +240,14 @@ def test_restart_reruns_running_and_queued_jobs(
         queued = submit(http, programs / "kwargs.pt2", model_name="waiting").json()["id"]
         assert http.get(f"/v1/lowerings/{queued}").json()["status"] == "queued"
     first.stop()
-    assert _gone(worker_pid), "a worker outlived its server"
+    assert _gone(worker_pid), "a sandbox outlived its server"
 
     second = start_server(data_dir, workers=1)
     with second.client() as http:
         rerun = wait_for(http, running, timeout_s=300)
         later = wait_for(http, queued, timeout_s=300)
-    assert rerun["status"] == "succeeded" and rerun["attempts"] == 2
+    # A graceful stop is not held against the job: it is still on its first attempt.
+    assert rerun["status"] == "succeeded" and rerun["attempts"] == 1
     assert later["status"] == "succeeded" and later["attempts"] == 1
 
 
