@@ -273,6 +273,19 @@ def _pytree_inputs() -> tuple[Any, ...]:
     return (r(2), [r(2), r(2)], {"k": r(2), 1: r(2)}, collections.OrderedDict(z=r(2)), None)
 
 
+class _UnicodeArgs(nn.Module):
+    """Non-ASCII argument names, dynamic: torch's guards name them (L['données'])."""
+
+    def forward(self, données: torch.Tensor, 权重: torch.Tensor) -> torch.Tensor:
+        return données * 2 + 权重
+
+
+def _unicode_args() -> ExportedProgram:
+    batch = Dim("batch", min=2, max=64)
+    return torch.export.export(_UnicodeArgs().eval(), (torch.randn(4, 3), torch.randn(4, 3)),
+                               dynamic_shapes={"données": {0: batch}, "权重": {0: batch}})
+
+
 GATE_BUILDERS: dict[str, Callable[[], ExportedProgram]] = {
     "odd_names": lambda: torch.export.export(_OddNames().eval(), (torch.randn(2, 4),)),
     "deep": lambda: torch.export.export(_Deep(70).eval(), (torch.randn(2, 4),)),
@@ -285,6 +298,7 @@ GATE_BUILDERS: dict[str, Callable[[], ExportedProgram]] = {
         _Checked().eval(), (torch.randn(8, 4), torch.tensor(3))),
     "pytrees": lambda: torch.export.export(_Pytrees().eval(), _pytree_inputs()),
     "extra_files": _linear,
+    "unicode_args": _unicode_args,
 }
 GATE_EXTRA_FILES = {"extra_files": {"notes.txt": "trained on 2024-05-01\n", "cfg/run.json": "{}"}}
 

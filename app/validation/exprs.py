@@ -11,7 +11,8 @@ to a fixed set of sympy / torch.utils._sympy function names, and for guards, the
 sympy evaluates as it builds (``Pow(Integer(10), Integer(2**64-1))`` computes the
 power; ``Rational('1e999999999')`` builds the integer), so the grammar also bounds the
 work: every integer within +-2**63 (20 digits), every numeric string a plain number with
-a small exponent, every power and shift amount a literal of at most 64, float precision
+a small exponent, every power and shift amount a literal of at most 64 (and no power or
+shift inside the base of another, which would multiply the exponents), float precision
 at most 1024 bits, and each expression at most 1000 nodes, 100 levels deep, 64 arguments
 per call.
 """
@@ -42,7 +43,8 @@ GUARD_FUNCS = frozenset({"len"}) | SYMPY_FUNCS
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 # Numeric strings sympy accepts in Integer('...') / Float('...') / Rational('...').
 _NUMBER = re.compile(r"[-+]?[0-9]{1,20}(\.[0-9]{0,20})?([eE][-+]?[0-9]{1,3})?|[-+]?(inf|nan)")
-_GUARD_CHARS = re.compile(r"[A-Za-z0-9_ \[\]()'.<>=!+\-*/%,&|~]*")
+# \w: argument names may be any Python identifier (L['données']).
+_GUARD_CHARS = re.compile(r"[\w \[\]()'.<>=!+\-*/%,&|~]*")
 
 MAX_INT = 1 << 63          # any integer literal
 MAX_EXPONENT = 64          # a power's exponent, a shift's amount
@@ -153,6 +155,21 @@ def _small_literal(node: ast.AST, what: str) -> None:
     raise GrammarError(f"{what} must be a number literal of at most {MAX_EXPONENT}")
 
 
+def _is_power(node: ast.AST) -> bool:
+    return (isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Pow, ast.LShift,
+                                                                 ast.RShift))) or (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        and node.func.id in _POWERS)
+
+
+def _power(base: ast.AST, amount: ast.AST, what: str) -> None:
+    """One power or shift: a small literal amount and no power nested in its base
+    (``Pow(Pow(2, 64), 64)`` is 2**4096; a hundred levels would never finish)."""
+    _small_literal(amount, what)
+    if any(_is_power(inner) for inner in ast.walk(base)):
+        raise GrammarError("a power or shift inside the base of another one is not allowed")
+
+
 def check_sympy_repr(text: object, max_chars: int = 4096) -> None:
     """A ``sympy.srepr`` string: nested calls of known classes over ints and symbols."""
     for node in ast.walk(_parse(text, max_chars)):
@@ -167,7 +184,7 @@ def check_sympy_repr(text: object, max_chars: int = 4096) -> None:
             if node.func.id in _POWERS:
                 if len(node.args) != 2:
                     raise GrammarError(f"{node.func.id} takes two arguments")
-                _small_literal(node.args[1], f"the exponent/shift of {node.func.id}")
+                _power(node.args[0], node.args[1], f"the exponent/shift of {node.func.id}")
         elif isinstance(node, ast.keyword):
             _keyword(node)
         elif isinstance(node, ast.Name):
@@ -204,10 +221,10 @@ def _arith_node(node: ast.AST, funcs: frozenset[str]) -> None:
         if node.func.id in _POWERS:
             if len(node.args) != 2:
                 raise GrammarError(f"{node.func.id} takes two arguments")
-            _small_literal(node.args[1], f"the exponent/shift of {node.func.id}")
+            _power(node.args[0], node.args[1], f"the exponent/shift of {node.func.id}")
     elif isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Pow, ast.LShift,
                                                               ast.RShift)):
-        _small_literal(node.right, "an exponent or shift amount")
+        _power(node.left, node.right, "an exponent or shift amount")
     elif isinstance(node, ast.Name):
         if not IDENTIFIER.fullmatch(node.id) or node.id.startswith("_"):
             raise GrammarError(f"name {node.id!r} is not allowed")
@@ -227,8 +244,8 @@ def check_guard(text: object, max_chars: int = 4096) -> None:
         if isinstance(node, ast.Subscript):
             key = node.slice
             if not isinstance(key, ast.Constant) or isinstance(key.value, bool) or not (
-                    isinstance(key.value, int)
-                    or (isinstance(key.value, str) and IDENTIFIER.fullmatch(key.value))):
+                    isinstance(key.value, int) or (isinstance(key.value, str) and (
+                        key.value.isidentifier() and len(key.value) <= 4096))):
                 raise GrammarError("subscripts must be an int or an identifier string")
             if isinstance(key.value, int):
                 _int(key.value)

@@ -12,6 +12,7 @@ declared tensor within the byte cap.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from app.validation.treespec import SpecError, check_namedtuple_fields, check_tr
 
 ALLOWLIST_PATH = Path(__file__).with_name("ops_allowlist.txt")
 SCHEMA_MAJOR = 8  # torch 2.13 reads export schema 8.x
+_DEVICE = re.compile(r"[a-z][a-z0-9_]{0,31}")  # cpu, cuda, meta, privateuseone...
 _VALUE_TABLES = ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values")
 _FORBIDDEN_KEYS = ("as_custom_obj", "as_custom_objs", "custom_obj", "as_opaque")
 # Keys naming parameters, buffers, constants, inputs: state-dict style names.
@@ -160,6 +162,17 @@ class _Walker:
         elif key == "as_string_to_argument":
             for text in need_dict(value, key, where, graph_error):
                 self._string_arg(text, "string-keyed argument")
+        elif key == "stack_trace" and isinstance(value, str) and ')"' in value:
+            # cpp_wrapper_cpu pastes stack traces into C++ raw strings R"(...)" when kernel
+            # profiling is on; ')"' would end the literal.
+            raise graph_error(f"member {where!r}: a node's stack_trace holds ')\"', which "
+                              "would end the C++ raw string inductor pastes it into")
+        elif key in ("as_device", "device") and isinstance(value, dict):
+            kind, index = value.get("type"), value.get("index")
+            if not (isinstance(kind, str) and _DEVICE.fullmatch(kind)) or not (
+                    index is None or (isinstance(index, int) and 0 <= index < 1024)):
+                raise graph_error(f"member {where!r}: device {str(value)[:80]!r} is not a "
+                                  "device type and index")
         elif key == "expr_str":
             _grammar(exprs.check_sympy_repr, value, "size expression", where, limits)
         elif key == "name" or key == "as_name":

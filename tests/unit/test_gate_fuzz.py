@@ -21,9 +21,16 @@ FUZZ = settings(max_examples=60, deadline=3000, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 LIMITS = ArchiveLimits(max_member_bytes=16 << 20, max_total_bytes=32 << 20)
+ENUM_SPEC = json.dumps([1, {"type": "builtins.tuple", "children_spec": [], "context": json.dumps(
+    {"__enum__": True, "fqn": "os:system", "name": "x"})}])
 NASTY = st.one_of(
     st.sampled_from(["__import__('os').system('x')", "", "a" * 5000, "\x00", "../..",
-                     "torch.os.system", "Symbol('s0')", "L['x'].size()[0]", "NaN"]),
+                     "torch.os.system", "Symbol('s0')", "L['x'].size()[0]", "NaN",
+                     '"); abort(); //', "a\u202eb", ENUM_SPEC,
+                     "torch.ops.aten._unsafe_index.Tensor",
+                     "Pow(Integer(10), Integer(18446744073709551615))", "Rational('1e999999999')",
+                     "poids_é", "layer-1.weight"]),
+    st.sampled_from([10**30, -(10**30), {"__enum__": True, "fqn": "os:system", "name": "x"}]),
     st.integers(min_value=-(1 << 70), max_value=1 << 70), st.none(), st.booleans(),
     st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.none(),
                                                           max_size=2), st.text(max_size=30),

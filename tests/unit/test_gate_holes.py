@@ -133,6 +133,23 @@ def test_every_string_argument_form_is_checked(gate_programs: dict[str, Path], t
     refused(edit_json(path, GRAPH, poison), tmp_path, Unprocessable, "unsafe_graph", GRAPH)
 
 
+@pytest.mark.parametrize("case", ["stack_trace", "as_device", "tensor_device"])
+def test_other_strings_pasted_into_cpp_are_held(gate_programs: dict[str, Path], tmp_path: Path,
+                                                case: str) -> None:
+    def poison(doc: dict) -> None:
+        node = node_with(doc, "torch.ops.aten.gelu.default")
+        if case == "stack_trace":
+            node["metadata"]["stack_trace"] = 'File "x.py"\n)"; abort(); R"('
+        elif case == "as_device":
+            node["inputs"].append({"name": "device", "arg": {"as_device": {
+                "type": 'cpu"); abort(); //', "index": None}}, "kind": 2})
+        else:
+            meta = doc["graph_module"]["graph"]["tensor_values"]["x"]
+            meta["device"] = {"type": "cpu\n#include", "index": None}
+    refused(edit_json(gate_programs["string_args"], GRAPH, poison), tmp_path, Unprocessable,
+            "unsafe_graph", GRAPH)
+
+
 def test_real_string_arguments_are_admitted(gate_programs: dict[str, Path],
                                             tmp_path: Path) -> None:
     dest = admitted(gate_programs["string_args"], tmp_path)
@@ -322,9 +339,13 @@ SYMPY_BOMBS = [
     "LShift(Integer(1), Integer(4611686018427387904))",
     "Max(" + ", ".join(f"Symbol('s{i}')" for i in range(600)) + ")",
     "Add(" * 120 + "Integer(1)" + ", Integer(1))" * 120,
+    # nested powers multiply their exponents: 2**(64**3) here, 2**(64**100) a level deeper
+    "Pow(Pow(Pow(Integer(2), Integer(64)), Integer(64)), Integer(64))",
+    "Pow(Mul(Integer(3), Pow(Integer(2), Integer(64))), Integer(64))",
+    "LShift(LShift(Integer(1), Integer(64)), Integer(64))",
 ]
 ARITH_BOMBS = ["2**(2**64 - 1)", "s0 ** 100000", "1 << (1 << 62)", "99999999999999999999999",
-               "+".join(["s0"] * 1500)]
+               "+".join(["s0"] * 1500), "((2**64)**64)**64", "(3*2**64)**64", "2**64**64"]
 GUARD_BOMBS = ["L['x'].size()[0] <= 10**(2**64-1)", "L['x'].size()[0] <= 10**18446744073709551615",
                "L['x'].size()[0] << 4611686018427387904 > 0"]
 
@@ -450,7 +471,8 @@ def test_example_input_cap_is_a_setting(gate_programs: dict[str, Path], tmp_path
 
 # ==== 7. valid programs that must be admitted ==============================================
 
-@pytest.mark.parametrize("name", ["odd_names", "deep", "complex32", "all_dtypes", "extra_files"])
+@pytest.mark.parametrize("name", ["odd_names", "deep", "complex32", "all_dtypes", "extra_files",
+                                  "unicode_args"])
 def test_valid_programs_are_admitted_and_still_load(gate_programs: dict[str, Path],
                                                     tmp_path: Path, name: str) -> None:
     path = gate_programs[name]
