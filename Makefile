@@ -6,7 +6,14 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck bench clean
+.PHONY: serve test lint typecheck bench clean sandbox-check
+
+# Every job runs in bubblewrap; without it the service starts but refuses jobs (503).
+sandbox-check:
+	@command -v bwrap >/dev/null || { echo "bwrap (bubblewrap) is not installed: no job can run." \
+	  "Install it: sudo apt-get install bubblewrap (Fedora: dnf install bubblewrap)," \
+	  "or set LOWERING_SANDBOX=off for trusted uploads only." >&2; \
+	  [ "$(SANDBOX_OPTIONAL)" = "1" ]; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
+	@$(MAKE) --no-print-directory sandbox-check SANDBOX_OPTIONAL=1
 	$(BIN)/lowering-service
 
 lint: $(STAMP)
@@ -24,7 +32,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy app
 
-test: lint typecheck
+test: lint typecheck sandbox-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
