@@ -31,7 +31,7 @@ from figures import Distinct, Row
 from gen_programs import KINDS
 from harness import generate, plain_once, serve
 
-FIGURES = ("distinct", "identical", "parallel", "latency", "upload")
+FIGURES = ("distinct", "identical", "parallel", "latency", "upload", "sandbox")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         distinct = programs.take(args.rounds * len(KINDS)) if "distinct" in args.only else []
         busy = programs.take(2 * args.workers) if "latency" in args.only else []
         par = programs.take(2 * args.parallel) if "parallel" in args.only else []
+        boxed = programs.take(args.rounds * len(KINDS)) if "sandbox" in args.only else []
         started = time.perf_counter()
         generate(programs.out_dir, programs.specs)
         print(f"generated {len(programs.specs)} programs in {time.perf_counter() - started:.0f} s",
@@ -152,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows += _guard("parallel", lambda: figures.parallel(server, par[:half], par[half:]))
             if "upload" in args.only:
                 rows += _guard("upload", lambda: figures.upload(server, args.upload_mib * 2**20))
+            if "sandbox" in args.only:
+                off_env = {**extra, "LOWERING_SANDBOX": "off"}
+                with serve(tmp / "data-off", workers=args.workers, extra_env=off_env) as off:
+                    rows += _guard("sandbox", lambda: figures.sandbox_cost(server, off, boxed))
             rows += _info_rows(server.ready_s, state)
     _table(rows)
     return 1 if any(r.verdict == "FAIL" for r in rows) else 0

@@ -204,3 +204,23 @@ def upload(server: Server, size_bytes: int) -> list[Row]:
     return [Row(f"API RSS rise, {size_bytes / 2**30:.0f} GiB upload",
                 f"{rise / MB:.1f} MB (HTTP {response.status_code})", "< 64 MB",
                 _verdict(rise < 64 * MB))]
+
+
+def sandbox_cost(sandboxed: Server, unsandboxed: Server, programs: list[Path]) -> list[Row]:
+    """The same distinct programs through LOWERING_SANDBOX=required and =off servers."""
+    on_s: list[float] = []
+    off_s: list[float] = []
+    with sandboxed.client() as on, unsandboxed.client() as off:
+        for i, program in enumerate(programs):
+            # Alternate who goes first so drift on the machine hits both sides alike.
+            sides = ((on, on_s), (off, off_s)) if i % 2 == 0 else ((off, off_s), (on, on_s))
+            for client, times in sides:
+                times.append(_timed_submit(client, program)[0])
+            print(f"  sandbox {program.stem:18s} required {on_s[-1]:6.2f} s   "
+                  f"off {off_s[-1]:6.2f} s", flush=True)
+    on_med, off_med = statistics.median(on_s), statistics.median(off_s)
+    return [Row("sandbox: required / off, distinct model (median)",
+                f"{on_med / off_med:.2f} ({on_med:.1f} s / {off_med:.1f} s)", "info", "-"),
+            Row("sandbox cost per job (median difference)",
+                f"{statistics.median(a - b for a, b in zip(on_s, off_s, strict=True)):+.2f} s",
+                "info", "-")]
