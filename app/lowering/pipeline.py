@@ -79,14 +79,29 @@ def _check_device(device: str) -> None:
 
 
 def _failure_message(verification: dict[str, Any]) -> str:
+    """Which case and output failed, and how, without a value the compiled code computed."""
     bad = next(c for c in verification["cases"] if not c["passed"])
-    tol = f"atol {verification['atol']} + rtol {verification['rtol']} * |expected|"
+    where = f"case {bad['name']} (sizes {bad['sizes']})"
     if "error" in bad:
-        return f"case {bad['name']} (sizes {bad['sizes']}): {bad['error']}"
-    idx = bad["worst_output"]
-    err = bad.get("output_errors", [])[idx] if idx is not None else bad["max_abs_error"]
-    return (f"output {idx} (flat index) differs in case {bad['name']} (sizes {bad['sizes']}): "
-            f"max abs error {err:.4g} exceeds {tol}")
+        return f"{where}: {bad['error']}"
+    failed = [o for o in bad.get("outputs", []) if not o["passed"]]
+    if not failed:
+        return f"{where} failed"
+    first = failed[0]
+    problem = first.get("problem")
+    if problem in ("shape", "dtype"):
+        got, expected = first["got"].get(problem), first["expected"].get(problem)
+        how = f"{problem} {got} where {expected} was expected"
+    elif problem:
+        how = str(problem)
+    else:
+        tol = f"atol {verification['atol']} + rtol {verification['rtol']} * |expected|"
+        how = f"max abs error in the range {first['error_magnitude']} exceeds {tol}"
+    others = [str(o["index"]) for o in failed[1:]]
+    also = ""
+    if others:
+        also = f"; outputs {', '.join(others[:20])}{' ...' if len(others) > 20 else ''} differ too"
+    return f"output {first['index']} (flat index) differs in {where}: {how}{also}"
 
 
 def run_lowering(

@@ -7,6 +7,7 @@ module-scoped fixtures.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from torch.export.pt2_archive._package import load_pt2
 from app.constants import ErrorCode
 from app.errors import JobError
 from app.lowering import LoweringResult, probe_toolchain, run_lowering, verify_archive
+from tests.leaks import assert_no_values, leaked_numbers
 from tests.models import export_model, save_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,6 +102,7 @@ def test_archive_carries_provenance_with_verification(dynamic_lowered) -> None:
     assert provenance["options"] == {}
     assert provenance["toolchain"]["torch_version"] == torch.__version__
     assert provenance["verification"] == result.verification
+    assert_no_values(provenance["verification"], allowed=(1e-4, 1e-5))
     assert not list(out.parent.glob(".*unverified*")), "draft archive left behind"
 
 
@@ -141,15 +144,34 @@ def test_counter_original_is_packaged_untouched(counter_lowered) -> None:
 
 
 @pytest.mark.slow
-def test_verification_failure_names_output_case_and_tolerance(tmp_path: Path) -> None:
+def test_verification_failure_names_output_case_and_tolerance(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # A negative atol cannot be met, which fails verification of a correct
     # lowering; the kwargs model also covers keyword-only tensor inputs.
+    caplog.set_level(logging.INFO, logger="app.lowering")
     with pytest.raises(JobError) as info:
         _lower(tmp_path, "kwargs", atol=-1.0)
     err = info.value
     assert err.code == ErrorCode.VERIFICATION_FAILED
     assert "output 0" in err.message and "example" in err.message and "atol -1.0" in err.message
     assert err.detail["passed"] is False
+    # Neither the message, the detail (the job record) nor the log carries a value
+    # the compiled code returned: outputs, shapes, dtypes and an error bucket only.
+    assert_no_values(err.detail, allowed=(1e-4, -1.0))
+    assert not leaked_numbers(err.message, allowed=(1e-4, -1.0)), err.message
+    case = err.detail["cases"][0]
+    assert case["mismatched_outputs"] == [0]
+    assert case["outputs"][0]["expected"] == {"shape": [4, 8], "dtype": "float32"}
+    assert case["outputs"][0]["got"] == {"shape": [4, 8], "dtype": "float32"}
+    ep = export_model("kwargs")
+    args, kwargs = ep.example_inputs
+    outputs = ep.module()(*args, **kwargs).flatten().tolist()
+    verify_log = "\n".join(r.getMessage() for r in caplog.records if "case " in r.getMessage()
+                           or "verification" in r.getMessage())
+    assert verify_log and not leaked_numbers(verify_log, allowed=(1e-4, -1.0)), verify_log
+    text = json.dumps(err.as_dict()) + caplog.text
+    assert not [v for v in outputs if v and (repr(v) in text or f"{v:.4g}" in text)]
     assert not (tmp_path / "kwargs-lowered.pt2").exists()
     assert not list(tmp_path.glob(".*unverified*"))
 
