@@ -63,6 +63,34 @@ DENIED_OPS: dict[str, str] = {
 # skips validating lengths/offsets against the data); they must be absent or false.
 UNSAFE_FLAGS = frozenset({"unsafe"})
 
+# Arguments that must be absent or None. Given explicit scales, inductor computes source
+# indices as output_index / scale without clamping them to the input (nearest:
+# lowering.py upsample_nearestnd indexes with check=False; linear/cubic: the
+# decompositions index with _unsafe_index), while ATen clamps. Scales that disagree with
+# output_size then read outside the input: torch.compile of
+# upsample_nearest2d.default(x, [8, 8], 0.05, 0.05) or upsample_bilinear2d.default(...)
+# returned 1e35-sized garbage here. With scales None the scale comes from the sizes and
+# stays in bounds; torch.export writes the .vec overloads, which derive one from the other.
+_SCALES = ("given explicit scales, inductor indexes the input by output_index / scale "
+           "without bounds checks or clamping, so scales that disagree with output_size read "
+           "outside the input; pass output_size only (torch.export writes the .vec overload)")
+_UPSAMPLE_SCALES = {
+    "upsample_nearest1d": ("scales",), "_upsample_nearest_exact1d": ("scales",),
+    "upsample_linear1d": ("scales",),
+    "upsample_nearest2d": ("scales_h", "scales_w"),
+    "_upsample_nearest_exact2d": ("scales_h", "scales_w"),
+    "upsample_bilinear2d": ("scales_h", "scales_w"),
+    "upsample_bicubic2d": ("scales_h", "scales_w"),
+    "_upsample_bilinear2d_aa": ("scales_h", "scales_w"),
+    "_upsample_bicubic2d_aa": ("scales_h", "scales_w"),
+    "_upsample_lanczos2d_aa": ("scales_h", "scales_w"),
+    "upsample_nearest3d": ("scales_d", "scales_h", "scales_w"),
+    "_upsample_nearest_exact3d": ("scales_d", "scales_h", "scales_w"),
+    "upsample_trilinear3d": ("scales_d", "scales_h", "scales_w"),
+}
+NONE_ARGS: dict[str, tuple[tuple[str, ...], str]] = {
+    f"torch.ops.aten.{op}.default": (args, _SCALES) for op, args in _UPSAMPLE_SCALES.items()}
+
 # String arguments held to a fixed form instead of SAFE_STRING. aten._assert_scalar's
 # message is what torch.export writes for a runtime assert; inductor never emits it
 # (ir.AssertScalar is built with f"{expr} to be True", graph.py), but torch's format puts

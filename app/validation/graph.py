@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from app.validation import exprs
-from app.validation.denylist import STRING_FORMS, UNSAFE_FLAGS, denied_reason
+from app.validation.denylist import NONE_ARGS, STRING_FORMS, UNSAFE_FLAGS, denied_reason
 from app.validation.jsondoc import (
     IDENTIFIER,
     SAFE_STRING,
@@ -125,6 +125,10 @@ class _Walker:
             if name in UNSAFE_FLAGS and arg.get("as_bool") not in (None, False):
                 raise graph_error(f"member {self.where!r}: {str(target)[:120]} sets "
                                   f"{name}=True, which switches its bounds checks off")
+            names, why = NONE_ARGS.get(target, ((), "")) if isinstance(target, str) else ((), "")
+            if name in names and arg != {"as_none": True}:
+                raise graph_error(f"member {self.where!r}: {target} with {name} given is "
+                                  f"refused: {why}")
             form = STRING_FORMS.get((target, name)) if isinstance(name, str) else None
             if form is not None and "as_string" in arg:
                 value = arg["as_string"]

@@ -204,6 +204,29 @@ def test_unsafe_flag_is_refused(gate_programs: dict[str, Path], tmp_path: Path) 
             "unsafe_graph", "unsafe")
 
 
+@pytest.mark.parametrize("op", ["upsample_nearest2d", "upsample_bilinear2d"])
+@pytest.mark.parametrize("scale", [{"as_float": 0.01}, {"as_none": True}])
+def test_upsample_with_explicit_scales_is_refused(
+        gate_programs: dict[str, Path], tmp_path: Path, scale: dict, op: str) -> None:
+    """inductor indexes upsampling by output_index / scale, unchecked and unclamped:
+    scales that disagree with output_size read outside the input (seen: 1e35 garbage).
+    Without scales it stays in bounds."""
+    def poison(doc: dict) -> None:
+        node = node_with(doc, "torch.ops.aten.gelu.default")
+        node["target"] = f"torch.ops.aten.{op}.default"
+        node["inputs"] = [{"name": "self", "arg": {"as_tensor": {"name": "x"}}, "kind": 1},
+                          {"name": "output_size", "arg": {"as_ints": [8, 8]}, "kind": 1},
+                          {"name": "scales_h", "arg": scale, "kind": 1},
+                          {"name": "scales_w", "arg": {"as_none": True}, "kind": 1}]
+    data = edit_json(gate_programs["string_args"], GRAPH, poison)
+    if "as_none" in scale:
+        src = tmp_path / "upload.pt2"
+        src.write_bytes(data)
+        admit_upload(src, tmp_path / "out.pt2", LIMITS)
+    else:
+        refused(data, tmp_path, Unprocessable, "unsafe_graph", "scales_h")
+
+
 def test_denylist_is_honoured_by_the_allowlist_and_gen_ops() -> None:
     from app.validation import denylist, gen_ops
 
