@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.constants import JobStatus
+from app.constants import ErrorCode, JobStatus
 
 
 class InputInfo(BaseModel):
@@ -27,6 +27,61 @@ class ErrorInfo(BaseModel):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
+class _Report(BaseModel):
+    """Verification reports are an allowlist: unknown keys (such as the raw error values
+    records from before this schema held) are dropped, and absent ones are left out."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+def _optional(description: str | None = None) -> Any:
+    return Field(None, description=description, exclude_if=lambda value: value is None)
+
+
+class TensorInfo(_Report):
+    shape: list[int] | None = _optional()
+    dtype: str | None = _optional()
+    type: str | None = _optional("set instead of shape/dtype for a non-tensor")
+
+
+class VerificationOutput(_Report):
+    """One flat output of one case. Never a value: the compiled code's outputs may hold
+    memory it had no business reading."""
+
+    index: int = Field(description="position in the flat list of the program's outputs")
+    passed: bool
+    expected: TensorInfo | None = _optional("shape/dtype of the reference output")
+    got: TensorInfo | None = _optional("shape/dtype the compiled runner returned")
+    error_magnitude: str | None = _optional(
+        'power-of-ten bucket of the max abs error, e.g. "1e-4..1e-3"; "0", "<1e-12", '
+        '">=1e3" or "non-finite"; absent when not compared')
+    problem: str | None = _optional("why it was not compared: shape, dtype, not a tensor, ...")
+
+
+class VerificationCase(_Report):
+    name: str = Field(description='"example", or SYMBOL=SIZE for a size the example did not use')
+    sizes: dict[str, int] = Field(default_factory=dict, description="dynamic dim symbol sizes")
+    input_shapes: list[list[int]] = Field(default_factory=list)
+    passed: bool
+    error_magnitude: str | None = _optional("worst bucket over this case's outputs")
+    mismatched_outputs: list[int] = Field(default_factory=list,
+                                          description="flat indices of the failed outputs")
+    outputs: list[VerificationOutput] = Field(default_factory=list)
+    error: str | None = _optional("the runner raised, or returned the wrong number of outputs "
+                                  "(numbers in the runner's message are redacted)")
+
+
+class Verification(_Report):
+    """The archive's runner against the original program at the example and other sizes."""
+
+    passed: bool
+    rtol: float | None = _optional()
+    atol: float | None = _optional()
+    error_magnitude: str | None = _optional(
+        "worst power-of-ten bucket of the max abs error over all cases")
+    cases: list[VerificationCase] = Field(default_factory=list)
+
+
 class LoweringPublic(BaseModel):
     """A lowering job as clients see it."""
 
@@ -42,7 +97,7 @@ class LoweringPublic(BaseModel):
     atol: float
     input: InputInfo
     artifact: ArtifactInfo | None = None
-    verification: dict[str, Any] | None = None
+    verification: Verification | None = None
     error: ErrorInfo | None = None
     created_at: dt.datetime
     started_at: dt.datetime | None = None
@@ -71,7 +126,21 @@ class LoweringPublic(BaseModel):
         fields["artifact"] = artifact
         fields["timings"] = job["timings"] or {}
         fields["coalesced_with"] = job.get("parent_id")
+        error = job.get("error")
+        if error and error.get("code") == ErrorCode.VERIFICATION_FAILED:
+            fields["error"] = {**error, "detail": _verification_detail(error.get("detail"))}
         return cls(**fields)
+
+
+def _verification_detail(detail: Any) -> dict[str, Any]:
+    """A verification_failed detail goes out through the Verification allowlist."""
+    if not isinstance(detail, dict) or "passed" not in detail:
+        # Verification itself raised: the detail names the exception type and phase.
+        return {k: v for k, v in (detail or {}).items() if k in ("exception_type", "phase")}
+    try:
+        return Verification.model_validate(detail).model_dump(mode="json")
+    except ValidationError:
+        return {}
 
 
 class LoweringsPublic(BaseModel):
