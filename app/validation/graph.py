@@ -122,14 +122,18 @@ class _Walker:
             if not isinstance(named, dict) or not isinstance(named.get("arg"), dict):
                 continue
             name, arg = named.get("name"), named["arg"]
+            if not isinstance(name, str):  # torch matches arguments to the schema by name
+                raise graph_error(f"member {self.where!r}: an argument of "
+                                  f"{str(target)[:120]} has no name")
             if name in UNSAFE_FLAGS and arg.get("as_bool") not in (None, False):
                 raise graph_error(f"member {self.where!r}: {str(target)[:120]} sets "
                                   f"{name}=True, which switches its bounds checks off")
-            names, why = NONE_ARGS.get(target, ((), "")) if isinstance(target, str) else ((), "")
+            names, why = NONE_ARGS.get(target, ((), "")) if isinstance(target, str) else (
+                (), "")
             if name in names and arg != {"as_none": True}:
                 raise graph_error(f"member {self.where!r}: {target} with {name} given is "
                                   f"refused: {why}")
-            form = STRING_FORMS.get((target, name)) if isinstance(name, str) else None
+            form = STRING_FORMS.get((target, name)) if isinstance(target, str) else None
             if form is not None and "as_string" in arg:
                 value = arg["as_string"]
                 if not (isinstance(value, str) and form.fullmatch(value)):
