@@ -4,6 +4,7 @@ ServiceError (500)            anything we did not foresee; the body says nothing
  ├── ArtifactCorrupt (500)    a stored artifact is gone or no longer matches its sha256
  ├── BadRequest (400)         malformed request: missing field, bad JSON, bad query value
  ├── NotFound (404)           unknown lowering id
+ ├── RequestTimeout (408)     the upload stalled (LOWERING_UPLOAD_STALL_TIMEOUT_S)
  ├── Conflict (409)           a status transition that is not allowed
  ├── PayloadTooLarge (413)    upload over LOWERING_MAX_UPLOAD_BYTES
  ├── UnsupportedMediaType (415) not multipart, or an upload that is not a zip
@@ -46,6 +47,11 @@ class BadRequest(ServiceError):
 class NotFound(ServiceError):
     status = 404
     code = "not_found"
+
+
+class RequestTimeout(ServiceError):
+    status = 408
+    code = "upload_stalled"
 
 
 class Conflict(ServiceError):

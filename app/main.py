@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -53,9 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.ensure_dirs()
-        # No worker runs yet: whatever is in scratch is left over from a crash.
+        # No job runs yet: scratch dirs and partial uploads are left over from a crash.
         for leftover in settings.scratch_dir.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
+        for partial in settings.uploads_dir.glob(".upload-*"):
+            partial.unlink(missing_ok=True)
         store = JobStore(settings.db_url)
         artifacts = ArtifactStore(settings.artifacts_dir)
         executor = LocalExecutor(settings, store, artifacts)
@@ -78,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Upload a torch.export program; get a verified AOTInductor pt2 archive.",
         lifespan=lifespan,
     )
+    # Set when a stop begins: held ?wait= requests answer with the job at once.
+    app.state.stopping = threading.Event()
     register_exception_handlers(app)
     app.include_router(health.router)
     app.include_router(lowerings.router)
@@ -91,8 +97,15 @@ def run() -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=10)
+    app = create_app(settings)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.stopping.set()
+            super().handle_exit(sig, frame)
+
+    _Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                           log_level=settings.log_level, timeout_graceful_shutdown=10)).run()
 
 
 if __name__ == "__main__":

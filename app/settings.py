@@ -50,6 +50,8 @@ class Settings(BaseSettings):
         "required", description="required: every job runs in bubblewrap and no job runs "
         "without it; off: jobs run unsandboxed (trusted uploads only; logged loudly)")
     load_timeout_s: float = Field(120.0, gt=0, description="limit on a job's load phase")
+    upload_stall_timeout_s: float = Field(
+        60.0, gt=0, description="an upload that sends nothing for this long is dropped (408)")
     max_wait_s: float = Field(3600.0, ge=0, description="cap on ?wait=")
     preload_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

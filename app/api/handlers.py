@@ -13,12 +13,20 @@ from starlette.requests import ClientDisconnect
 
 from app.errors import ServiceError
 from app.jobs.store import is_busy
+from app.sandbox import SPACE_ERRNOS
 
 log = logging.getLogger("app.api")
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _disk_full() -> JSONResponse:
+    log.error("the data dir or the job database is out of space")
+    return error_response(507, "storage_full", "the service is out of disk space; delete "
+                          "finished lowerings (DELETE /v1/lowerings/{id}) or free space, "
+                          "then retry")
 
 
 def register_exception_handlers(app: FastAPI) -> None:
@@ -55,8 +63,16 @@ def register_exception_handlers(app: FastAPI) -> None:
         # Nobody is listening; the upload was already discarded.
         return error_response(400, "client_disconnected", "the client went away mid-request")
 
+    @app.exception_handler(OSError)
+    async def _os(_: Request, exc: OSError) -> JSONResponse:
+        if exc.errno in SPACE_ERRNOS:
+            return _disk_full()
+        return await _unexpected(_, exc)
+
     @app.exception_handler(OperationalError)
     async def _database(_: Request, exc: OperationalError) -> JSONResponse:
+        if "disk is full" in str(exc).lower() or "no space left" in str(exc).lower():
+            return _disk_full()
         if not is_busy(exc):
             return await _unexpected(_, exc)
         # Writers were retried for a minute and the database is still locked.

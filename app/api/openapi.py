@@ -28,7 +28,7 @@ FORM_SCHEMA = {
     },
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 409, 413, 415, 422, 429, 503)
+    code: {"model": ErrorBody} for code in (400, 404, 408, 409, 413, 415, 422, 429, 503, 507)
 }
 
 

@@ -44,14 +44,24 @@ def cache_key(*, input_sha256: str, params: dict[str, Any], toolchain: dict[str,
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+class QueueFull(Exception):
+    """Admitting one more job that needs a worker would exceed the queue bound."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} lowerings are waiting")
+        self.waiting = waiting
+
+
 def admit(
     store: JobStore, *, fields: dict[str, Any], use_cache: bool,
-    artifact_exists: Callable[[str], bool],
+    artifact_exists: Callable[[str], bool], max_waiting: int | None = None,
 ) -> tuple[Job, bool]:
     """Create the job for a submission; True when it must be handed to the executor.
 
     Callers serialise calls per process, so two identical submissions cannot both
-    become leaders.
+    become leaders, and the queue bound (``max_waiting``, checked here, where the
+    count and the insert cannot interleave with another admission) holds under
+    concurrent submits. Cache hits and followers never count against it.
     """
     key = fields.get("cache_key")
     if use_cache and key:
@@ -66,6 +76,10 @@ def admit(
         leader = store.find_by_key(cache_key=key, statuses=ACTIVE)
         if leader is not None:
             return store.create(**fields, parent_id=leader["id"]), False
+    if max_waiting is not None:
+        waiting = store.count_waiting()
+        if waiting >= max_waiting:
+            raise QueueFull(waiting)
     return store.create(**fields), True
 
 

@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from anyio import to_thread
@@ -22,10 +23,11 @@ from app.errors import (
     Conflict,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceUnavailable,
     TooManyRequests,
 )
-from app.jobs.cache import admit, cache_key
+from app.jobs.cache import QueueFull, admit, cache_key
 from app.jobs.store import Job, JobStore
 from app.schemas import LoweringPublic, LoweringsPublic
 from app.storage.artifacts import ArtifactStore
@@ -42,6 +44,27 @@ JOB_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 def _retry_after_s(waiting: int, settings: Any) -> int:
     # A rough drain time: each worker clears about one typical lowering per ~20 s.
     return max(5, min(600, int(20 * waiting / max(1, settings.workers))))
+
+
+async def _stall_guard(request: Request, timeout_s: float) -> AsyncIterator[bytes]:
+    """The request body, dropped (408) when the client sends nothing for ``timeout_s``."""
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(f"the upload sent nothing for {timeout_s:g} s "
+                                 "(LOWERING_UPLOAD_STALL_TIMEOUT_S) and was dropped; "
+                                 "send it again") from None
+        yield chunk
+
+
+def _queue_full(waiting: int, settings: Any) -> TooManyRequests:
+    return TooManyRequests(
+        f"{waiting} lowerings are already queued (LOWERING_MAX_QUEUED={settings.max_queued}); "
+        "retry later", retry_after_s=_retry_after_s(waiting, settings))
 
 
 def _public(job: Job) -> dict[str, Any]:
@@ -71,11 +94,10 @@ async def create_lowering(
     if executor.unavailable:
         raise ServiceUnavailable(f"no lowering can run on this service: "
                                  f"{executor.unavailable}", code="sandbox_unavailable")
+    # Checked again at admission (the authoritative check); this one spares the upload.
     waiting = await to_thread.run_sync(store.count_waiting)
     if waiting >= settings.max_queued:
-        raise TooManyRequests(
-            f"{waiting} lowerings are already queued (LOWERING_MAX_QUEUED="
-            f"{settings.max_queued}); retry later", retry_after_s=_retry_after_s(waiting, settings))
+        raise _queue_full(waiting, settings)
     declared = request.headers.get("content-length")
     if declared and re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > (
         settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
@@ -83,7 +105,8 @@ async def create_lowering(
         raise PayloadTooLarge(f"upload exceeds the limit of {settings.max_upload_bytes} bytes "
                               "(LOWERING_MAX_UPLOAD_BYTES)")
     started = time.monotonic()
-    form = await receive_form(request.stream(), request.headers.get("content-type"),
+    form = await receive_form(_stall_guard(request, settings.upload_stall_timeout_s),
+                              request.headers.get("content-type"),
                               dest_dir=settings.uploads_dir,
                               max_file_bytes=settings.max_upload_bytes)
     try:
@@ -111,14 +134,17 @@ async def create_lowering(
         async with request.app.state.admit_lock:
             job, must_run = await to_thread.run_sync(lambda: admit(
                 store, fields=fields, use_cache=cache == "use",
-                artifact_exists=artifacts.is_intact))
+                artifact_exists=artifacts.is_intact, max_waiting=settings.max_queued))
+    except QueueFull as full:
+        (settings.uploads_dir / f"{job_id}.pt2").unlink(missing_ok=True)
+        raise _queue_full(full.waiting, settings) from None
     except BaseException:
         (settings.uploads_dir / f"{job_id}.pt2").unlink(missing_ok=True)
         raise
     if must_run:
         executor.submit(job_id)
     if wait is not None:
-        job = await _wait_final(store, job_id, min(wait, settings.max_wait_s))
+        job = await _wait_final(request, store, job_id, min(wait, settings.max_wait_s))
         if job["status"] == JobStatus.SUCCEEDED.value:
             return await _artifact_response(job, artifacts, request)
         if job["status"] in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
@@ -127,11 +153,15 @@ async def create_lowering(
                         headers={"Location": f"/v1/lowerings/{job_id}"})
 
 
-async def _wait_final(store: JobStore, job_id: str, wait_s: float) -> Job:
+async def _wait_final(request: Request, store: JobStore, job_id: str, wait_s: float) -> Job:
+    """The job once final, or as it is when the wait runs out, the client leaves or the
+    service begins to stop (the caller then answers 202 with the job and its Location)."""
     deadline = time.monotonic() + wait_s
+    stopping = request.app.state.stopping
     while True:
         job = await _get_or_404(store, job_id)
-        if JobStatus(job["status"]).is_final or time.monotonic() >= deadline:
+        if (JobStatus(job["status"]).is_final or time.monotonic() >= deadline
+                or stopping.is_set() or await request.is_disconnected()):
             return job
         await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
 
@@ -159,7 +189,8 @@ async def get_lowering(job_id: str, store: StoreDep) -> dict[str, Any]:
     return _public(await _get_or_404(store, job_id))
 
 
-@router.get("/{job_id}/artifact", response_class=FileResponse, responses=ERROR_RESPONSES)
+@router.api_route("/{job_id}/artifact", methods=["GET", "HEAD"], response_class=FileResponse,
+                  responses=ERROR_RESPONSES)
 async def get_artifact(
     job_id: str, request: Request, store: StoreDep, artifacts: ArtifactsDep
 ) -> Response:
@@ -171,10 +202,18 @@ async def get_artifact(
     return await _artifact_response(job, artifacts, request)
 
 
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 If-None-Match: ``*`` or a list of (possibly weak) entity tags."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
 async def _artifact_response(job: Job, artifacts: ArtifactStore, request: Request) -> Response:
     etag = f'"{job["artifact_sha256"]}"'
     headers = {"ETag": etag, "X-Lowering-Id": job["id"], "Cache-Control": "private, max-age=0"}
-    if request.method == "GET" and etag in request.headers.get("if-none-match", ""):
+    if _matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     sha256 = job["artifact_sha256"]
     if not await to_thread.run_sync(artifacts.is_intact, sha256):
