@@ -315,6 +315,33 @@ def save_gate_model(name: str, path: Path | str) -> Path:
     return path
 
 
+# ---- lowering models added later -----------------------------------------------------------
+
+class _Derived(nn.Module):
+    """Derived dynamic dims: ``pairs`` has twice ``x``'s rows (2*batch, batch used directly);
+    ``halves`` has 2*seq rows where no input carries ``seq`` alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, pairs: torch.Tensor, halves: torch.Tensor) -> Any:
+        doubled = self.linear(torch.cat([x, x * 2], dim=0)) + pairs
+        return doubled, halves.reshape(-1, 2, 8).sum(dim=1)
+
+
+def _derived() -> ExportedProgram:
+    batch, seq = Dim("batch", min=1, max=32), Dim("seq", min=1, max=16)
+    return torch.export.export(
+        _Derived().eval(), (torch.randn(3, 8), torch.randn(6, 8), torch.randn(10, 8)),
+        dynamic_shapes={"x": {0: batch}, "pairs": {0: 2 * batch}, "halves": {0: 2 * seq}},
+    )
+
+
+BUILDERS["derived"] = _derived
+MODEL_NAMES = tuple(BUILDERS)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 1:
         print("usage: python -m tests.models OUTDIR [NAME...]", file=sys.stderr)

@@ -67,15 +67,48 @@ def symbol_ranges(ep: ExportedProgram) -> dict[str, tuple[int, int | None]]:
     return ranges
 
 
+def affine_in_one_symbol(expr: sympy.Expr) -> tuple[sympy.Symbol, int, int] | None:
+    """(symbol, a, b) when ``expr`` is a*symbol + b with integers a > 0 and b; else None.
+
+    torch.export's derived dims (``2 * batch``, ``batch + 1``) are exactly these.
+    """
+    symbols = expr.free_symbols
+    if len(symbols) != 1:
+        return None
+    (symbol,) = symbols
+    if not isinstance(symbol, sympy.Symbol):
+        return None
+    try:
+        poly = sympy.Poly(expr, symbol)
+    except sympy.PolynomialError:
+        return None
+    if poly.degree() != 1:
+        return None
+    a, b = poly.all_coeffs()
+    if not (a.is_integer and b.is_integer) or a <= 0:
+        return None
+    return symbol, int(a), int(b)
+
+
 def flat_dynamic_shapes(ep: ExportedProgram) -> list[DimSpec]:
     """One dynamic_shapes entry per flat input leaf.
 
     One Dim object per symbol, shared by all dims carrying it, so equalities
-    between inputs survive the re-export. Dims that are expressions of symbols
-    (e.g. s0*2) are left to export to infer (Dim.AUTO) from the named ones.
+    between inputs survive the re-export. A dim that is an affine expression of
+    one symbol (a derived dim, e.g. ``2*s0`` or ``s0 + 1``) becomes the same
+    expression of that symbol's Dim, even when no input carries the symbol alone.
+    Other expressions are left to export to infer (Dim.AUTO).
     """
     ranges = symbol_ranges(ep)
     dims: dict[str, Any] = {}
+
+    def root(symbol: sympy.Symbol) -> Any:
+        name = symbol.name
+        if name not in dims:
+            lo, hi = ranges.get(name, (0, None))
+            dims[name] = Dim(name, min=lo, max=hi) if hi is not None else Dim(name, min=lo)
+        return dims[name]
+
     specs: list[DimSpec] = []
     for shape in symbolic_dims(ep):
         if shape is None:
@@ -84,15 +117,15 @@ def flat_dynamic_shapes(ep: ExportedProgram) -> list[DimSpec]:
         spec: dict[int, Any] = {}
         for idx, expr in enumerate(shape):
             if isinstance(expr, sympy.Symbol):
-                name = expr.name
-                if name not in dims:
-                    lo, hi = ranges.get(name, (0, None))
-                    dims[name] = Dim(name, min=lo, max=hi) if hi is not None else Dim(
-                        name, min=lo
-                    )
-                spec[idx] = dims[name]
+                spec[idx] = root(expr)
             elif isinstance(expr, sympy.Expr) and not expr.is_number:
-                spec[idx] = Dim.AUTO
+                affine = affine_in_one_symbol(expr)
+                if affine is None:
+                    spec[idx] = Dim.AUTO
+                    continue
+                symbol, a, b = affine
+                derived = root(symbol) if a == 1 else root(symbol) * a
+                spec[idx] = derived + b if b else derived
         specs.append(spec or None)
     if len(specs) != len(flat_example_inputs(ep)):
         # Should not happen for a program torch.export made; a static re-export

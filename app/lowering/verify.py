@@ -24,7 +24,12 @@ import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.pt2_archive._package import load_pt2
 
-from app.lowering.lower import flat_example_inputs, symbol_ranges, symbolic_dims
+from app.lowering.lower import (
+    affine_in_one_symbol,
+    flat_example_inputs,
+    symbol_ranges,
+    symbolic_dims,
+)
 from app.lowering.package import delegate_name
 
 log = logging.getLogger("app.lowering")
@@ -33,13 +38,25 @@ Case = tuple[str, dict[str, int], list[Any]]
 
 
 def _example_sizes(ep: ExportedProgram, flat: list[Any]) -> dict[str, int]:
+    """Each input symbol's size in the example: read off a dim that is the symbol, or
+    solved from a derived dim a*s + b when no input carries the symbol alone."""
     sizes: dict[str, int] = {}
+    derived: list[tuple[sympy.Expr, int]] = []
     for shape, value in zip(symbolic_dims(ep), flat, strict=False):
         if shape is None or not isinstance(value, torch.Tensor):
             continue
         for expr, actual in zip(shape, value.shape, strict=False):
             if isinstance(expr, sympy.Symbol):
                 sizes[expr.name] = int(actual)
+            elif isinstance(expr, sympy.Expr) and not expr.is_number:
+                derived.append((expr, int(actual)))
+    for expr, actual in derived:
+        affine = affine_in_one_symbol(expr)
+        if affine is None or affine[0].name in sizes:
+            continue
+        symbol, a, b = affine
+        if (actual - b) % a == 0:
+            sizes[symbol.name] = (actual - b) // a
     return sizes
 
 

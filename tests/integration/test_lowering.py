@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from torch.export import Dim
 from torch.export.pt2_archive._package import load_pt2
 
 from app.constants import ErrorCode
@@ -126,6 +127,73 @@ def test_verify_archive_catches_the_stock_helpers_specialised_runner(tmp_path: P
     example, *others = verification["cases"]
     assert example["passed"] is True
     assert any(not case["passed"] for case in others)
+
+
+@pytest.mark.slow
+def test_derived_dims_lower_and_verify_at_other_sizes(tmp_path: Path) -> None:
+    # x: batch, pairs: 2*batch, halves: 2*seq with seq carried by no input alone.
+    out, result, _ = _lower(tmp_path, "derived")
+    verification = result.verification
+    assert verification is not None and verification["passed"], verification
+    cases = verification["cases"]
+    assert sorted(cases[0]["sizes"].values()) == [3, 5]  # seq solved from halves' 10 rows
+    varied = {sym for case in cases[1:] for sym, size in case["sizes"].items()
+              if size != cases[0]["sizes"][sym]}
+    assert varied == set(cases[0]["sizes"]), cases  # both roots, the hidden one included
+    for case in cases:
+        x_rows, pair_rows, half_rows = (shape[0] for shape in case["input_shapes"])
+        assert pair_rows == 2 * x_rows and half_rows % 2 == 0
+
+    contents = load_pt2(str(out))
+    delegate = contents.exported_programs["derived-aoti"]
+    def ranges(ep: Any) -> list[tuple[int, int]]:  # symbol names differ between exports
+        return sorted((int(vr.lower), int(vr.upper)) for sym, vr in ep.range_constraints.items()
+                      if sym.is_Symbol)
+
+    assert ranges(delegate) == ranges(export_model("derived"))
+    runner = contents.aoti_runners["derived-aoti"]
+    reference = export_model("derived").module()
+    for batch, seq in [(1, 2), (7, 9), (32, 16), (3, 5)]:
+        inputs = [torch.randn(batch, 8), torch.randn(2 * batch, 8), torch.randn(2 * seq, 8)]
+        got = runner.loader.run(inputs)
+        expected = pytree.tree_leaves(reference(*inputs))
+        assert [tuple(g.shape) for g in got] == [(2 * batch, 8), (seq, 8)]
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+class _TwoInputs(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 2, y + 1
+
+
+@pytest.mark.parametrize(
+    "derive",
+    [lambda b: (b, b + 1), lambda b: (2 * b + 1, 3 * b - 2), lambda b: (b, 4 * b),
+     lambda b: (b - 1, b + 7)],
+    ids=["b,b+1", "2b+1,3b-2 (no bare root)", "b,4b", "b-1,b+7"],
+)
+def test_reexport_rebuilds_any_affine_derived_dim(derive: Any) -> None:
+    from app.lowering.lower import _FlattenedModule, flat_dynamic_shapes, flat_example_inputs
+    from app.lowering.verify import _example_sizes, _inputs_for
+
+    batch = Dim("batch", min=3, max=20)
+    x_dim, y_dim = derive(batch)
+    x_rows, y_rows = derive(5)  # the same expressions at batch = 5
+    ep = torch.export.export(_TwoInputs(), (torch.randn(x_rows, 2), torch.randn(y_rows, 2)),
+                             dynamic_shapes={"x": {0: x_dim}, "y": {0: y_dim}})
+    flat = flat_example_inputs(ep)
+    sizes = _example_sizes(ep, flat)  # the root torch chose, solved from the example
+    assert len(sizes) == 1
+    assert [list(t.shape) for t in _inputs_for(ep, flat, sizes)] == [[x_rows, 2], [y_rows, 2]]
+    again = torch.export.export(_FlattenedModule(ep), tuple(flat),
+                                dynamic_shapes={"flat_inputs": tuple(flat_dynamic_shapes(ep))})
+
+    def ranges(program: Any) -> list[tuple[int, int]]:
+        return sorted((int(vr.lower), int(vr.upper))
+                      for vr in program.range_constraints.values())
+
+    assert ranges(again) == ranges(ep)
 
 
 @pytest.mark.slow
