@@ -82,7 +82,8 @@ def start_server(
     """Factory: start a server with LOWERING_* overrides; all are stopped at the end."""
     servers: list[Server] = []
 
-    def start(data_dir: Path | None = None, *, ready: bool = True, **overrides: object) -> Server:
+    def start(data_dir: Path | None = None, *, ready: bool = True,
+              env_extra: dict[str, str] | None = None, **overrides: object) -> Server:
         data_dir = data_dir or tmp_path_factory.mktemp("data")
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOWERING_")}
@@ -96,6 +97,7 @@ def start_server(
             "PYTHONPATH": str(ROOT),
         })
         env.update({f"LOWERING_{k.upper()}": str(v) for k, v in overrides.items()})
+        env.update(env_extra or {})
         log_path = data_dir.parent / f"server-{port}.log"
         with log_path.open("ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "app.main"], cwd=ROOT, env=env,

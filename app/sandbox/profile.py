@@ -96,7 +96,8 @@ class SandboxStatus:
 
 
 def _which(name: str) -> str | None:
-    return shutil.which(name, path=os.defpath + ":/usr/sbin:/sbin")
+    """Found on the service's PATH: an operator can point it at another bwrap."""
+    return shutil.which(name)
 
 
 def _nested(path: Path, roots: Iterable[Path]) -> bool:
@@ -173,7 +174,7 @@ class Sandbox:
         """The argv that runs ``argv`` sandboxed with ``scratch`` as /job."""
         if self.mode == "off":
             return list(argv)
-        args = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid",
+        args = [_which("bwrap") or "bwrap", "--die-with-parent", "--new-session", "--unshare-pid",
                 "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                 "--hostname", "sandbox"]
         if not self.privileged:
@@ -204,9 +205,9 @@ class Sandbox:
             args += ["--seccomp", str(seccomp_fd)]
         args += ["--"]
         if self.privileged:
-            args += ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_GID}",
-                     "--clear-groups", "--inh-caps=-all", "--bounding-set=-all",
-                     "--no-new-privs", "--"]
+            args += [_which("setpriv") or "setpriv", f"--reuid={SANDBOX_UID}",
+                     f"--regid={SANDBOX_GID}", "--clear-groups", "--inh-caps=-all",
+                     "--bounding-set=-all", "--no-new-privs", "--"]
         return args + list(argv)
 
     def prepare_scratch(self, scratch: Path) -> None:

@@ -29,8 +29,14 @@ async def healthz() -> dict[str, str]:
 async def readyz(settings: SettingsDep, store: StoreDep, executor: ExecutorDep) -> JSONResponse:
     """Ready when a job submitted now will run: sandbox, primed workers, DB, data dir."""
     checks = await to_thread.run_sync(_checks, settings, store)
+    sandbox = executor.info().get("sandbox") or {}
+    if sandbox.get("mode") == "off":
+        checks["sandbox"] = "ok (off: jobs run unsandboxed)"
+    else:
+        checks["sandbox"] = "ok" if sandbox.get("available") else (
+            sandbox.get("missing") or "checking")
     checks["workers"] = "ok" if executor.ready else (executor.unavailable or _slots(executor))
-    ready = all(value == "ok" for value in checks.values())
+    ready = all(value.startswith("ok") for value in checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
                         status_code=200 if ready else 503)
 

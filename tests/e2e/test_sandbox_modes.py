@@ -1,0 +1,56 @@
+"""LOWERING_SANDBOX: required refuses jobs without bwrap and says why; off runs them loudly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Server
+from tests.factories import submit
+
+pytestmark = pytest.mark.slow
+
+
+def test_required_without_bwrap_refuses_jobs_and_names_what_is_missing(
+    start_server: Callable[..., Server], programs: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    server = start_server(ready=False, workers=1, env_extra={"PATH": str(empty)})
+    with server.client() as http:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                ready = http.get("/readyz")
+                if "bwrap" in ready.text:
+                    break
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(0.1)
+        assert ready.status_code == 503
+        assert "bwrap (bubblewrap) is not installed" in ready.json()["checks"]["sandbox"]
+        assert "apt-get install bubblewrap" in ready.json()["checks"]["sandbox"]
+        info = http.get("/v1/info").json()["sandbox"]
+        assert info["mode"] == "required" and info["available"] is False
+        refused = submit(http, programs / "linear.pt2", model_name="nope")
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "sandbox_unavailable" and "bwrap" in error["message"]
+        assert http.get("/v1/lowerings").json()["items"] == []
+
+
+def test_off_runs_jobs_unsandboxed_and_says_so_loudly(
+    start_server: Callable[..., Server], programs: Path
+) -> None:
+    server = start_server(workers=1, sandbox="off", prime_workers="false")
+    with server.client() as http:
+        checks = http.get("/readyz").json()["checks"]
+        assert checks["sandbox"].startswith("ok (off")
+        assert http.get("/v1/info").json()["sandbox"]["mode"] == "off"
+        done = submit(http, programs / "linear.pt2", wait=600, model_name="trusted")
+        assert done.status_code == 200, done.text
+    assert "UNSANDBOXED" in server.log()
