@@ -44,6 +44,7 @@ class _Slot:
     warm_s: float | None = None
     error: str | None = None
     thread: threading.Thread | None = None
+    child: SandboxedChild | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -129,7 +130,7 @@ class LocalExecutor:
         child = SandboxedChild(self.sandbox, scratch=scratch,
                                log_path=self.settings.scratch_dir / f"slot-{slot.index}.log",
                                args=["job", ",".join(self.settings.preload_modules)])
-        slot.child_pid = child.pid
+        slot.child, slot.child_pid = child, child.pid
         try:
             event = child.next_event(READY_TIMEOUT_S)
         except queue.Empty:
@@ -150,13 +151,17 @@ class LocalExecutor:
     def _slot_loop(self, slot: _Slot) -> None:
         failures = 0
         while not self._closing.is_set():
-            child = self._warm_child(slot)
-            if child is None:
-                failures += 1
-                self._closing.wait(min(60.0, 2.0 ** failures))
-                continue
-            failures = 0
-            self._serve_one(slot, child)
+            try:
+                child = self._warm_child(slot)
+                if child is not None:
+                    failures = 0
+                    self._serve_one(slot, child)
+                    continue
+            except Exception as exc:  # e.g. bwrap vanished: keep the slot, say why
+                log.exception("slot %d failed", slot.index)
+                slot.state, slot.error = "failing", f"{type(exc).__name__}: {exc}"
+            failures += 1
+            self._closing.wait(min(60.0, 2.0 ** failures))
 
     def _serve_one(self, slot: _Slot, child: SandboxedChild) -> None:
         """Wait for a job this warm child can take, run it, and let the child go."""
@@ -304,6 +309,9 @@ class LocalExecutor:
             slot.cancel.set()
         for _ in self._slots:
             self._queue.put(None)
+        for slot in self._slots:  # a child still warming up is not waited for
+            if slot.child is not None and slot.state == "warming":
+                slot.child.kill()
         for slot in self._slots:
             if slot.thread is not None:
                 slot.thread.join(timeout=30)

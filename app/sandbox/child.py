@@ -143,6 +143,13 @@ def run_job(channel: IO[str], spec: dict[str, Any], job_dir: Path) -> None:
                                        "(LOWERING_JOB_MAX_MEMORY_BYTES)"},
              resources=_resources())
         return
+    except Exception as exc:  # a bug of ours, not the program's: say so, with the type
+        log.exception("unexpected error")
+        _say(channel, "failed", error={"code": "internal_error",
+                                       "message": f"{type(exc).__name__}: {exc}"[:2000],
+                                       "detail": {"exception_type": type(exc).__name__}},
+             resources=_resources())
+        return
     _say(channel, "done", result={"timings": result.timings,
                                   "verification": result.verification,
                                   "toolchain": result.toolchain},
