@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from pathlib import Path
 
 import torch.utils._pytree as pytree
@@ -11,6 +12,17 @@ from torch.export.pt2_archive._package import load_pt2
 
 from app.constants import ErrorCode
 from app.errors import JobError
+from app.lowering.package import RESERVED_EXTRA_FILES
+
+# extra_files of each loaded program (torch.export.save(..., extra_files=...)), so the
+# archive writer can carry them over unchanged without another trip through the pipeline.
+_EXTRA_FILES: weakref.WeakKeyDictionary[ExportedProgram, dict[str, str]] = (
+    weakref.WeakKeyDictionary())
+
+
+def extra_files_of(ep: ExportedProgram) -> dict[str, str]:
+    """The extra files the archive ``ep`` was loaded from held: name -> UTF-8 text."""
+    return dict(_EXTRA_FILES.get(ep, {}))
 
 # torch's messages for a pytree node type nobody registered in this process.
 _UNKNOWN_TYPE = re.compile(
@@ -27,14 +39,16 @@ def _unknown_pytree_type(exc: BaseException) -> str | None:
 
 
 def load_program(path: Path) -> ExportedProgram:
-    """Load the single program of a ``torch.export.save`` archive.
+    """Load the single program of a ``torch.export.save`` archive (its extra files are
+    kept for :func:`extra_files_of`).
 
     ``load_pt2`` is called directly instead of ``torch.export.load``: the latter
     swallows RuntimeError (NotImplementedError included, which is how an unknown
     pytree type surfaces) and retries with a legacy reader that unpickles.
     """
     try:
-        programs = load_pt2(str(path)).exported_programs
+        contents = load_pt2(str(path))
+        programs = contents.exported_programs
     except Exception as exc:
         type_name = _unknown_pytree_type(exc)
         if type_name is not None:
@@ -56,6 +70,16 @@ def load_program(path: Path) -> ExportedProgram:
         )
     ep = programs["model"]
     _check_example_inputs(ep)
+    extras = dict(contents.extra_files or {})
+    clash = sorted(RESERVED_EXTRA_FILES & set(extras))
+    if clash:
+        raise JobError(
+            ErrorCode.INVALID_PROGRAM,
+            f"the program's extra file(s) {', '.join(clash)} would be overwritten by the "
+            "lowering's own; rename them in torch.export.save(extra_files=...)",
+            detail={"extra_files": clash},
+        )
+    _EXTRA_FILES[ep] = extras
     return ep
 
 

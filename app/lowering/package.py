@@ -11,6 +11,7 @@ from torch.export import ExportedProgram
 from torch.export.pt2_archive._package import package_pt2
 
 PROVENANCE_FILE = "provenance.json"
+RESERVED_EXTRA_FILES = frozenset({PROVENANCE_FILE})
 
 
 def delegate_name(model_name: str, backend_id: str) -> str:
@@ -27,23 +28,31 @@ def write_archive(
     aoti_files: list[Any],
     provenance: dict[str, Any] | None = None,
     max_bytes: int | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     """Write models/{model}.json (original), models/{model}-{backend}.json (delegate),
-    data/aotinductor/{model}-{backend}/ (compiled files) and extra/provenance.json.
+    data/aotinductor/{model}-{backend}/ (compiled files), extra/provenance.json, and
+    the uploaded program's own extra files unchanged (``extra_files``; by default
+    those ``original`` was loaded with).
 
     Callable twice with the same aoti_files: they are paths on disk plus a
     Weights object, so re-packaging never recompiles.
     """
+    from app.lowering.load import extra_files_of
+
     name = delegate_name(model_name, backend_id)
-    extra = None
+    extra = dict(extra_files_of(original) if extra_files is None else extra_files)
+    clash = RESERVED_EXTRA_FILES & set(extra)
+    if clash:  # load_program refuses these; a caller passing them is a bug
+        raise ValueError(f"extra files {sorted(clash)} are the lowering's own")
     if provenance is not None:
-        extra = {PROVENANCE_FILE: json.dumps(provenance, indent=2, sort_keys=True, default=str)}
+        extra[PROVENANCE_FILE] = json.dumps(provenance, indent=2, sort_keys=True, default=str)
     with _CappedFile(path, max_bytes) as sink:
         package_pt2(
             sink,  # type: ignore[arg-type]
             exported_programs={model_name: original, name: delegate},
             aoti_files={name: aoti_files},
-            extra_files=extra,
+            extra_files=extra or None,
         )
     if sink.error is not None:
         path.unlink(missing_ok=True)

