@@ -270,7 +270,7 @@ def _check_archive(handle: Any, model_name: str, backend_id: str) -> None:
 
 
 def finite(value: Any) -> Any:
-    """JSON has no inf/NaN (a runner that crashed reports an infinite error): use None."""
+    """JSON has no inf/NaN: such values from the sandbox are stored as None."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

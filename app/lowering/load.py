@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import weakref
 from pathlib import Path
 
 import torch.utils._pytree as pytree
@@ -13,16 +12,6 @@ from torch.export.pt2_archive._package import load_pt2
 from app.constants import ErrorCode
 from app.errors import JobError
 from app.lowering.package import RESERVED_EXTRA_FILES
-
-# extra_files of each loaded program (torch.export.save(..., extra_files=...)), so the
-# archive writer can carry them over unchanged without another trip through the pipeline.
-_EXTRA_FILES: weakref.WeakKeyDictionary[ExportedProgram, dict[str, str]] = (
-    weakref.WeakKeyDictionary())
-
-
-def extra_files_of(ep: ExportedProgram) -> dict[str, str]:
-    """The extra files the archive ``ep`` was loaded from held: name -> UTF-8 text."""
-    return dict(_EXTRA_FILES.get(ep, {}))
 
 # torch's messages for a pytree node type nobody registered in this process.
 _UNKNOWN_TYPE = re.compile(
@@ -38,9 +27,9 @@ def _unknown_pytree_type(exc: BaseException) -> str | None:
     return (match.group("type") or match.group("type2")).strip("<>'\"").removeprefix("class '")
 
 
-def load_program(path: Path) -> ExportedProgram:
-    """Load the single program of a ``torch.export.save`` archive (its extra files are
-    kept for :func:`extra_files_of`).
+def load_program(path: Path) -> tuple[ExportedProgram, dict[str, str]]:
+    """Load the single program of a ``torch.export.save`` archive, and its extra files
+    (``torch.export.save(..., extra_files=...)``: name -> text), carried into the output.
 
     ``load_pt2`` is called directly instead of ``torch.export.load``: the latter
     swallows RuntimeError (NotImplementedError included, which is how an unknown
@@ -79,8 +68,7 @@ def load_program(path: Path) -> ExportedProgram:
             "lowering's own; rename them in torch.export.save(extra_files=...)",
             detail={"extra_files": clash},
         )
-    _EXTRA_FILES[ep] = extras
-    return ep
+    return ep, extras
 
 
 def _check_example_inputs(ep: ExportedProgram) -> None:

@@ -32,16 +32,14 @@ def write_archive(
 ) -> None:
     """Write models/{model}.json (original), models/{model}-{backend}.json (delegate),
     data/aotinductor/{model}-{backend}/ (compiled files), extra/provenance.json, and
-    the uploaded program's own extra files unchanged (``extra_files``; by default
-    those ``original`` was loaded with).
+    the uploaded program's own extra files unchanged (``extra_files``, as load_program
+    returned them).
 
     Callable twice with the same aoti_files: they are paths on disk plus a
     Weights object, so re-packaging never recompiles.
     """
-    from app.lowering.load import extra_files_of
-
     name = delegate_name(model_name, backend_id)
-    extra = dict(extra_files_of(original) if extra_files is None else extra_files)
+    extra = dict(extra_files or {})
     clash = RESERVED_EXTRA_FILES & set(extra)
     if clash:  # load_program refuses these; a caller passing them is a bug
         raise ValueError(f"extra files {sorted(clash)} are the lowering's own")

@@ -128,8 +128,8 @@ def run_lowering(
     start = time.monotonic()
     # Loaded twice: lowering mutates its program's buffers (the delegate export
     # runs the model), and the archive must carry the untouched original.
-    original = load_program(program_path)
-    to_lower = load_program(program_path)
+    original, extra_files = load_program(program_path)
+    to_lower, _ = load_program(program_path)
     timings["load"] = time.monotonic() - start
 
     with _phase("lower", timings, on_phase):
@@ -146,7 +146,7 @@ def run_lowering(
     def package(path: Path) -> None:
         write_archive(path, model_name=model_name, backend_id=backend_id, original=original,
                       delegate=delegate, aoti_files=aoti_files, provenance=record(),
-                      max_bytes=max_artifact_bytes)
+                      max_bytes=max_artifact_bytes, extra_files=extra_files)
 
     if not verify:
         with _phase("package", timings, on_phase):
