@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import time
 import zipfile
 from pathlib import Path
@@ -64,3 +65,18 @@ def rewrite_zip(source: Path, *, drop: str = "", add: dict[str, bytes] | None = 
 def leftover_uploads(data_dir: Path) -> list[str]:
     """Partial or rejected upload files still on disk (must be none)."""
     return sorted(p.name for p in (data_dir / "uploads").glob(".upload-*"))
+
+
+def open_partial_upload(url: str, *, declared_bytes: int, sent_bytes: int) -> socket.socket:
+    """A raw POST /v1/lowerings that declares ``declared_bytes`` and sends fewer (caller
+    closes the socket): a client that dies or stalls mid-upload."""
+    host, port = url.removeprefix("http://").split(":")
+    head = (b"--b\r\nContent-Disposition: form-data; name=\"model_name\"\r\n\r\nm\r\n"
+            b"--b\r\nContent-Disposition: form-data; name=\"program\"; filename=\"m.pt2\"\r\n"
+            b"\r\n")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/lowerings HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: multipart/form-data; boundary=b\r\n"
+                 + f"Content-Length: {declared_bytes}\r\n\r\n".encode() + head
+                 + b"\0" * sent_bytes)
+    return sock

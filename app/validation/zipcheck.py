@@ -184,34 +184,27 @@ def _check_tiling(fh: IO[bytes], infos: list[zipfile.ZipInfo], cd_offset: int) -
 
 def read_member(archive: zipfile.ZipFile, member: Member, cap: int, where: str = "") -> bytes:
     """The whole member (CRC checked), refusing one over ``cap`` bytes."""
-    if member.size > cap:
-        raise PayloadTooLarge(f"{where}member {member.name!r} is {member.size} bytes; the "
-                              f"limit for it is {cap}", code="archive_too_large")
-    try:
-        with archive.open(member.info) as src:
-            data = src.read(cap + 1)
-    except MemoryError:
-        raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
-        raise _bad(f"{where}{member.name}", f"unreadable ({exc})") from exc
-    except Exception as exc:  # zlib.error and friends from a corrupt deflate stream
-        raise _bad(f"{where}{member.name}", f"unreadable ({type(exc).__name__})") from exc
-    if len(data) != member.size:
-        raise _bad(f"{where}{member.name}", "size differs from its directory entry")
-    return data
+    return _read(archive, member, cap, where, keep=True)
 
 
-def drain_member(archive: zipfile.ZipFile, member: Member, cap: int, where: str = "",
-                 chunk: int = 1 << 20) -> None:
+def drain_member(archive: zipfile.ZipFile, member: Member, cap: int, where: str = "") -> None:
     """Read the member through once in chunks (so its CRC is checked) without holding it."""
+    _read(archive, member, cap, where, keep=False)
+
+
+def _read(archive: zipfile.ZipFile, member: Member, cap: int, where: str, *, keep: bool,
+          chunk: int = 1 << 20) -> bytes:
     if member.size > cap:
         raise PayloadTooLarge(f"{where}member {member.name!r} is {member.size} bytes; the "
                               f"limit for it is {cap}", code="archive_too_large")
+    blocks: list[bytes] = []
     seen = 0
     try:
         with archive.open(member.info) as src:
             while block := src.read(chunk):
                 seen += len(block)
+                if keep:
+                    blocks.append(block)
                 if seen > member.size:
                     break
     except MemoryError:
@@ -222,3 +215,4 @@ def drain_member(archive: zipfile.ZipFile, member: Member, cap: int, where: str 
         raise _bad(f"{where}{member.name}", f"unreadable ({type(exc).__name__})") from exc
     if seen != member.size:
         raise _bad(f"{where}{member.name}", "size differs from its directory entry")
+    return b"".join(blocks)

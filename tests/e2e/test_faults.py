@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT, Server
-from tests.factories import leftover_uploads, submit, wait_for
+from tests.factories import leftover_uploads, open_partial_upload, submit, wait_for
 
 pytestmark = pytest.mark.slow
 COMPILERS = ("cc1plus", "g++", "x86_64-linux-gnu-g++-12", "c++")
@@ -255,14 +254,7 @@ def test_client_disconnect_mid_upload_leaves_nothing(
     client: httpx.Client, server: Server
 ) -> None:
     before = len(client.get("/v1/lowerings", params={"limit": 500}).json()["items"])
-    host, port = server.url.removeprefix("http://").split(":")
-    head = (b"--b\r\nContent-Disposition: form-data; name=\"model_name\"\r\n\r\nm\r\n"
-            b"--b\r\nContent-Disposition: form-data; name=\"program\"; filename=\"m.pt2\"\r\n"
-            b"\r\n")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/lowerings HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: multipart/form-data; boundary=b\r\n"
-                     b"Content-Length: 5000000\r\n\r\n" + head + b"\0" * 2_000_000)
+    with open_partial_upload(server.url, declared_bytes=5_000_000, sent_bytes=2_000_000):
         time.sleep(0.5)
         assert leftover_uploads(server.data_dir), "the upload should be in progress"
     deadline = time.monotonic() + 10

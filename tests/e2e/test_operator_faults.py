@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import Server
-from tests.factories import leftover_uploads, submit, wait_for
+from tests.factories import leftover_uploads, open_partial_upload, submit, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -48,13 +47,7 @@ def test_stalled_upload_is_dropped_and_leftovers_cleared_at_start(
     crashed.write_bytes(b"\0" * 4096)
     server = start_server(data_dir, workers=1, prime_workers=False, upload_stall_timeout_s=2)
     assert not crashed.exists(), "a partial upload from before the start is still there"
-    host, port = server.url.removeprefix("http://").split(":")
-    head = (b"--b\r\nContent-Disposition: form-data; name=\"program\"; filename=\"m.pt2\"\r\n"
-            b"\r\n")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/lowerings HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: multipart/form-data; boundary=b\r\n"
-                     b"Content-Length: 100000\r\n\r\n" + head + b"\0" * 1000)
+    with open_partial_upload(server.url, declared_bytes=100_000, sent_bytes=1000) as sock:
         sock.settimeout(20)
         started = time.monotonic()
         answer = sock.recv(65536).decode(errors="replace")
