@@ -10,17 +10,25 @@ jobs read but cannot write.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import json
 import logging
 import os
+import platform
 import queue
 import shutil
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app import worker
-from app.constants import ErrorCode, JobStatus
+from app import __version__, worker
+from app.constants import LOWERING_VERSION, ErrorCode, JobStatus
 from app.jobs.cache import settle_children
 from app.jobs.store import JobStore
 from app.sandbox.process import SandboxedChild
@@ -99,7 +107,17 @@ class LocalExecutor:
         self._booted.set()
 
     def _prime(self) -> bool:
-        """Trusted work only: lower our own tiny model, then publish what it compiled."""
+        """Trusted work only: lower our own tiny model, then publish what it compiled.
+
+        Skipped when the shared cache already says it was primed for this toolchain
+        (torch, compiler, service version): a restart does not pay for it again.
+        """
+        marker = self.settings.inductor_dir / f"primed-{_toolchain_stamp()}.json"
+        if marker.is_file():
+            log.info("shared inductor cache already primed (%s)", marker.name)
+            with contextlib.suppress(OSError, ValueError):
+                self.primed_s = json.loads(marker.read_text()).get("primed_s")
+            return True
         scratch = self.settings.scratch_dir / "prime"
         child = SandboxedChild(self.sandbox, scratch=scratch, args=["prime"],
                                log_path=self.settings.logs_dir / "prime.log")
@@ -120,6 +138,9 @@ class LocalExecutor:
         self.toolchain = event.get("toolchain")
         log.info("shared inductor cache primed in %s s (%d new files)", self.primed_s,
                  published)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"primed_s": self.primed_s, "toolchain": self.toolchain}))
+        os.replace(tmp, marker)
         return True
 
     # -- the slots ----------------------------------------------------------------------
@@ -340,3 +361,20 @@ def publish_cache(private: Path, shared: Path) -> int:
             os.replace(tmp, dest)
             count += 1
     return count
+
+
+@functools.cache
+def _toolchain_stamp() -> str:
+    """What the shared cache's contents depend on, without importing torch."""
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "none"
+    try:
+        compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True,
+                                  timeout=30).stdout.splitlines()[:1]
+    except (OSError, subprocess.TimeoutExpired):
+        compiler = []
+    material = json.dumps([torch_version, compiler, __version__, LOWERING_VERSION,
+                           sys.version, platform.machine()])
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
