@@ -121,7 +121,7 @@ def _hand_over(job: Job, child: SandboxedChild, settings: Settings) -> None:
         "job_id": job["id"], "model_name": job["model_name"], "backend_id": job["backend_id"],
         "device": job["device"], "options": job["options"], "verify": job["verify"],
         "rtol": job["rtol"], "atol": job["atol"],
-        "max_artifact_bytes": settings.max_artifact_bytes,
+        "max_artifact_bytes": settings.max_artifact_bytes, "cpu_s": settings.cpu_limit_s,
         "provenance": {"service": "lowering-service", "service_version": __version__,
                        "job_id": job["id"], "input_sha256": job["input_sha256"]},
     })

@@ -121,6 +121,13 @@ def run_job(channel: IO[str], spec: dict[str, Any], job_dir: Path) -> None:
     from app.lowering import run_lowering
 
     logging.getLogger().setLevel(logging.INFO)
+    # The job's CPU budget counts from here, not from the warm-up (soft limit; the hard
+    # one, set by the supervisor, stays the ceiling).
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = int(used.ru_utime + used.ru_stime + float(spec["cpu_s"])) + 1
+    resource.setrlimit(resource.RLIMIT_CPU,
+                       (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
     log.info("lowering job %s: model_name=%s backend_id=%s device=%s options=%s",
              spec["job_id"], spec["model_name"], spec["backend_id"], spec["device"],
              spec["options"])

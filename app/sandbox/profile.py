@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 SANDBOX_UID = SANDBOX_GID = 65534
+# CPU seconds a sandbox may spend warming up (imports, ISA probes) before its job's budget.
+WARM_CPU_S = 300
 JOB_DIR = "/job"
 CACHE_DIR = "/cache"
 SYSTEM_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
@@ -310,6 +312,7 @@ def from_settings(settings: Any) -> Sandbox:
     return Sandbox(mode=settings.sandbox, shared_cache=settings.inductor_dir,
                    preload_modules=settings.preload_modules,
                    limits=Limits(memory_bytes=settings.memory_limit_bytes,
-                                 cpu_s=int(settings.cpu_limit_s) + 1,
+                                 # the job's own budget is set by the child once warm
+                                 cpu_s=int(settings.cpu_limit_s) + WARM_CPU_S,
                                  file_bytes=settings.job_max_file_bytes,
                                  processes=settings.job_max_processes))

@@ -107,7 +107,7 @@ def test_readiness_queue_bound_storage_full_and_cpu_limit(
                 continue
         assert early.status_code == 503 and early.json()["checks"]["workers"] == "starting"
         constrained.wait_ready()
-        assert http.get("/v1/info").json()["toolchain"]["primed_s"] > 0
+        assert http.get("/v1/info").json()["executor"]["primed_s"] > 0
 
         # The archive cannot be written under the 100 kB cap: storage_full, nothing kept.
         full = submit(http, programs / "linear.pt2", wait=600, model_name="too_big")

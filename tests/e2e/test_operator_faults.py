@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -110,3 +111,28 @@ def test_artifact_head_and_if_none_match_star(
     assert client.get(url, headers={"If-None-Match": f'"x", W/{head.headers["etag"]}'}
                       ).status_code == 304
     assert client.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
+
+
+def test_job_whose_final_write_fails_still_reaches_a_final_state(
+    start_server: Callable[..., Server], programs: Path, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    server = start_server(data_dir, workers=1)
+    db = sqlite3.connect(data_dir / "jobs.db", timeout=30)
+    # The disk fills between the claim and the final write: every final write fails.
+    db.execute("CREATE TRIGGER full_disk BEFORE UPDATE OF status ON lowerings "
+               "WHEN NEW.status IN ('succeeded', 'failed') "
+               "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    db.commit()
+    with server.client() as http:
+        # Fails fast in the load phase (unknown pytree type): no compile needed.
+        job_id = submit(http, programs / "custom_output.pt2", model_name="stuck").json()["id"]
+        time.sleep(5)
+        stuck = http.get(f"/v1/lowerings/{job_id}").json()
+        assert stuck["status"] == "running", stuck
+        db.execute("DROP TRIGGER full_disk")  # space is freed
+        db.commit()
+        db.close()
+        job = wait_for(http, job_id, timeout_s=60)
+    assert job["status"] == "failed" and job["error"]["code"] == "interrupted", job
+    assert "final status could not be written" in job["error"]["message"]
