@@ -10,7 +10,8 @@ ServiceError (500)            anything we did not foresee; the body says nothing
  ├── UnsupportedMediaType (415) not multipart, or an upload that is not a zip
  ├── Unprocessable (422)      well-formed but unacceptable: pattern, device, option
  ├── TooManyRequests (429)    the queue is full (LOWERING_MAX_QUEUED); carries Retry-After
- └── ServiceUnavailable (503) no job can run here now (e.g. the sandbox is missing)
+ ├── ServiceUnavailable (503) no job can run here now (e.g. the sandbox is missing)
+ └── StorageFull (507)        the data dir is out of space
 
 JobError is not an HTTP error: it is a failed job's (code, message, detail), raised
 inside a worker and stored on the job record.
@@ -82,6 +83,11 @@ class TooManyRequests(ServiceError):
 class ServiceUnavailable(ServiceError):
     status = 503
     code = "service_unavailable"
+
+
+class StorageFull(ServiceError):
+    status = 507
+    code = "storage_full"
 
 
 class JobError(Exception):

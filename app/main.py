@@ -20,6 +20,7 @@ from app.executors.local import LocalExecutor
 from app.jobs.store import JobStore
 from app.settings import Settings
 from app.storage.artifacts import ArtifactStore
+from app.storage.reserve import make_reserve
 
 log = logging.getLogger("app")
 MAX_ATTEMPTS = 2
@@ -60,6 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             shutil.rmtree(leftover, ignore_errors=True)
         for partial in settings.uploads_dir.glob(".upload-*"):
             partial.unlink(missing_ok=True)
+        if not make_reserve(settings.data_dir):
+            log.warning("the data dir has little free space: no disk reserve for DELETE")
         store = JobStore(settings.db_url)
         artifacts = ArtifactStore(settings.artifacts_dir)
         executor = LocalExecutor(settings, store, artifacts)

@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect
 
 from app.errors import ServiceError
 from app.jobs.store import is_busy
-from app.sandbox import SPACE_ERRNOS
+from app.storage.reserve import out_of_space
 
 log = logging.getLogger("app.api")
 
@@ -65,13 +65,13 @@ def register_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OSError)
     async def _os(_: Request, exc: OSError) -> JSONResponse:
-        if exc.errno in SPACE_ERRNOS:
+        if out_of_space(exc):
             return _disk_full()
         return await _unexpected(_, exc)
 
     @app.exception_handler(OperationalError)
     async def _database(_: Request, exc: OperationalError) -> JSONResponse:
-        if "disk is full" in str(exc).lower() or "no space left" in str(exc).lower():
+        if out_of_space(exc):
             return _disk_full()
         if not is_busy(exc):
             return await _unexpected(_, exc)

@@ -30,7 +30,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import ServiceError, Unprocessable, UnsupportedMediaType
+from app.errors import ServiceError, StorageFull, Unprocessable, UnsupportedMediaType
+from app.sandbox import SPACE_ERRNOS
 from app.validation.graph import check_graph
 from app.validation.jsondoc import graph_error, load_json
 from app.validation.layout import (
@@ -83,17 +84,25 @@ def admit_upload(src: Path, dest: Path, limits: ArchiveLimits) -> GateReport:
     except MemoryError as exc:
         raise Unprocessable("checking this upload needed more memory than the gate may use; "
                             "it is too complex to accept", code="upload_too_complex") from exc
+    except OSError as exc:
+        if exc.errno not in SPACE_ERRNOS:
+            raise _unreadable(exc) from exc
+        raise StorageFull("the service is out of disk space for uploads; retry later") from exc
     except RecursionError as exc:
         raise Unprocessable("upload is nested too deeply to check",
                             code="unsupported_layout") from exc
     except Exception as exc:  # anything a malformed zip makes zipfile or struct raise
-        raise UnsupportedMediaType(
-            f"program is not a readable .pt2 archive ({type(exc).__name__}: "
-            f"{str(exc)[:120]}); upload the file torch.export.save wrote",
-            code="not_a_pt2_archive") from exc
+        raise _unreadable(exc) from exc
     return GateReport(model=layout.model, members=len(members),
                       uncompressed_bytes=sum(m.size for m in members), rebuilt_bytes=rebuilt,
                       elapsed_s=round(time.monotonic() - started, 4))
+
+
+def _unreadable(exc: Exception) -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        f"program is not a readable .pt2 archive ({type(exc).__name__}: "
+        f"{str(exc)[:120]}); upload the file torch.export.save wrote",
+        code="not_a_pt2_archive")
 
 
 def _check_members(archive: zipfile.ZipFile, layout: Layout, limits: ArchiveLimits) -> None:

@@ -29,6 +29,7 @@ from app.errors import (
     BadRequest,
     PayloadTooLarge,
     ServiceError,
+    StorageFull,
     Unprocessable,
     UnsupportedMediaType,
 )
@@ -123,6 +124,8 @@ def _outcome(returncode: int, out: bytes, err: bytes, resources: GateResources) 
         log.error("upload gate child exited %s without a result: %s", returncode,
                   err.decode(errors="replace")[-4000:])
         raise ServiceError("the upload gate failed") from None
+    if status == StorageFull.status:
+        raise StorageFull(message, code=code)
     if status >= 500:
         log.error("upload gate child failed: %s", err.decode(errors="replace")[-4000:])
         raise ServiceError("the upload gate failed")

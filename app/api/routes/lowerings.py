@@ -31,6 +31,7 @@ from app.jobs.cache import QueueFull, admit, cache_key
 from app.jobs.store import Job, JobStore
 from app.schemas import LoweringPublic, LoweringsPublic
 from app.storage.artifacts import ArtifactStore
+from app.storage.reserve import out_of_space, release_reserve
 from app.storage.uploads import receive_form
 from app.validation.isolated import run_gate
 
@@ -266,5 +267,11 @@ async def delete_lowering(
         if sha and store.count_artifact_refs(sha256=sha) == 0:
             artifacts.remove(sha)
 
-    await to_thread.run_sync(_remove)
+    try:
+        await to_thread.run_sync(_remove)
+    except Exception as exc:
+        # A full disk is when deleting matters most: spend the reserve and try again.
+        if not (out_of_space(exc) and release_reserve(settings.data_dir)):
+            raise
+        await to_thread.run_sync(_remove)
     return Response(status_code=204)

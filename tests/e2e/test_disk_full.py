@@ -1,0 +1,71 @@
+"""A full disk: clear 4xx/5xx answers, readiness that tells, and DELETE that still works."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Server
+from tests.factories import submit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1.2 GiB tmpfs (priming needs room) of its own (needs root, as CI runs)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    block = b"\0" * (1 << 20)
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(block)
+                handle.flush()
+        except OSError:
+            pass
+    assert shutil.disk_usage(disk).free < (1 << 20)
+    return filler
+
+
+def test_full_disk_is_507_not_500_and_delete_frees_space(
+    start_server: Callable[..., Server], programs: Path, small_disk: Path
+) -> None:
+    server = start_server(small_disk / "data", workers=1)
+    assert (small_disk / "data" / ".reserve").is_file()
+    with server.client() as http:
+        done = submit(http, programs / "linear.pt2", wait=600, model_name="fits", verify=False)
+        assert done.status_code == 200, done.text
+        job_id = done.headers["x-lowering-id"]
+        filler = _fill(small_disk)
+
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and "space" in ready.json()["checks"]["data_dir"]
+        again = submit(http, programs / "linear.pt2", model_name="fits", verify=False)
+        assert again.status_code == 507, again.text  # even a cache hit needs its upload
+        assert again.json()["error"]["code"] == "storage_full"
+        assert "DELETE" in again.json()["error"]["message"]
+
+        deleted = http.delete(f"/v1/lowerings/{job_id}")
+        assert deleted.status_code == 204, deleted.text
+        assert http.get(f"/v1/lowerings/{job_id}").status_code == 404
+        assert not list((small_disk / "data" / "artifacts").rglob("*.pt2"))
+
+        filler.unlink()
+        server.wait_ready(timeout_s=30)
