@@ -1,6 +1,6 @@
 """Local executor: one supervisor thread per worker slot, one fresh sandbox per job.
 
-Each slot keeps one sandboxed child warm (torch imported, caches linked, ISA picked:
+Each slot keeps one sandboxed child warm (torch imported, caches mirrored, ISA picked:
 nothing of any job's) and hands it the next job; after the job the child is killed
 with its whole PID namespace and a new one warms up. No process that ran job A's
 code ever runs job B's, a dead idle child is simply replaced, and there is no pool

@@ -26,7 +26,7 @@ def warm_up() -> None:
     """Do once per process what every lowering would otherwise pay for first.
 
     Imports inductor's compile path and picks the CPU's vector ISA (which compiles and
-    loads probe libraries unless the linked trusted cache already holds them).
+    loads probe libraries unless the mirrored trusted cache already holds them).
     """
     import torch._inductor.codegen.cpp_wrapper_cpu  # noqa: F401
     import torch._inductor.compile_fx  # noqa: F401

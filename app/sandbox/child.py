@@ -9,7 +9,7 @@ bounds and checks it.
   inductor cache; the supervisor then copies what it built (precompiled headers, ISA
   probes) into the shared cache, which jobs only read. It says ``primed`` and exits.
 - ``job`` warms up before any job data exists: a private inductor cache in /job that
-  links to the read-only shared one, torch and the lowering code imported, the CPU ISA
+  mirrors the read-only shared one, torch and the lowering code imported, the CPU ISA
   picked, preload modules imported. It says ``{"event": "ready", "toolchain": ...}``,
   reads one job spec from stdin, lowers /job/input.pt2 into /job/artifact.pt2 and says
   ``phase`` events, then ``done`` (with result) or ``failed`` (with error), and exits.
@@ -23,12 +23,14 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
 
 INPUT_NAME = "input.pt2"
+LINK_MIN_BYTES = 16 << 20
 ARTIFACT_NAME = "artifact.pt2"
 log = logging.getLogger("app.sandbox.child")
 
@@ -46,12 +48,14 @@ def _say(channel: IO[str], event: str, **fields: Any) -> None:
     channel.flush()
 
 
-def _link_tree(shared: Path, private: Path) -> int:
-    """Mirror the read-only shared cache into ``private`` as symlinks (no locks).
+def _mirror_cache(shared: Path, private: Path) -> int:
+    """Mirror the read-only shared cache into ``private``; returns the files mirrored.
 
     Inductor finds the trusted precompiled headers and ISA probes there and skips
-    rebuilding them; whatever it writes goes into ``private`` (a write replaces a
-    link by rename), never into the shared cache.
+    rebuilding them. Small files are copied, since inductor may rewrite one in place
+    (it opens some outputs for writing when their content-addressed name exists);
+    big ones (the ~140 MB precompiled headers, which it only ever reads once they
+    exist) are symlinked. Nothing a job writes can reach the shared cache.
     """
     count = 0
     for root, dirs, files in os.walk(shared):
@@ -59,9 +63,13 @@ def _link_tree(shared: Path, private: Path) -> int:
         rel = Path(root).relative_to(shared)
         (private / rel).mkdir(parents=True, exist_ok=True)
         for name in files:
-            if name.endswith((".lock", ".tmp")):
+            src, dest = Path(root) / name, private / rel / name
+            if name.endswith((".lock", ".tmp")) or src.is_symlink() or not src.is_file():
                 continue
-            (private / rel / name).symlink_to(Path(root) / name)
+            if src.stat().st_size >= LINK_MIN_BYTES:
+                dest.symlink_to(src)
+            else:
+                shutil.copy2(src, dest)
             count += 1
     return count
 
@@ -84,7 +92,7 @@ def warm(cache: Path, job_dir: Path, preload: list[str]) -> tuple[dict[str, Any]
     """Everything a job needs that does not depend on the job; returns toolchain, seconds."""
     started = time.monotonic()
     private = job_dir / "inductor"
-    linked = _link_tree(cache, private)
+    mirrored = _mirror_cache(cache, private)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(private)
     (job_dir / "tmp").mkdir(exist_ok=True)
     errors: dict[str, str] = {}
@@ -99,21 +107,29 @@ def warm(cache: Path, job_dir: Path, preload: list[str]) -> tuple[dict[str, Any]
     lowering.warm_up()
     toolchain = _toolchain()
     toolchain["preload_errors"] = errors
-    log.info("warm in %.2f s (%d cache entries linked)", time.monotonic() - started, linked)
+    log.info("warm in %.2f s (%d cache files mirrored)", time.monotonic() - started, mirrored)
     return toolchain, round(time.monotonic() - started, 2)
 
 
-def _resources() -> dict[str, Any]:
-    """CPU of this process and of the compilers it waited for, and its peak RSS."""
+def _cpu() -> tuple[float, float]:
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
         resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+_JOB_START_CPU = (0.0, 0.0)
+
+
+def _resources() -> dict[str, Any]:
+    """The job's CPU (this process and the compilers it waited for), its peak RSS."""
+    own, kids = _cpu()
     peak = None
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 peak = int(line.split()[1]) * 1024
-    return {"cpu_s": round(own.ru_utime + own.ru_stime, 3),
-            "children_cpu_s": round(kids.ru_utime + kids.ru_stime, 3), "peak_rss_bytes": peak}
+    return {"cpu_s": round(own - _JOB_START_CPU[0], 3),
+            "children_cpu_s": round(kids - _JOB_START_CPU[1], 3), "peak_rss_bytes": peak}
 
 
 def run_job(channel: IO[str], spec: dict[str, Any], job_dir: Path) -> None:
@@ -121,13 +137,17 @@ def run_job(channel: IO[str], spec: dict[str, Any], job_dir: Path) -> None:
     from app.lowering import run_lowering
 
     logging.getLogger().setLevel(logging.INFO)
-    # The job's CPU budget counts from here, not from the warm-up (soft limit; the hard
-    # one, set by the supervisor, stays the ceiling).
-    used = resource.getrusage(resource.RUSAGE_SELF)
-    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    soft = int(used.ru_utime + used.ru_stime + float(spec["cpu_s"])) + 1
-    resource.setrlimit(resource.RLIMIT_CPU,
-                       (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    # The job's CPU budget and accounting count from here, not from the warm-up (a soft
+    # limit; the hard one, set by the supervisor, stays the ceiling); so does its peak RSS.
+    global _JOB_START_CPU
+    _JOB_START_CPU = _cpu()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    if spec.get("cpu_s"):
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        soft = int(_JOB_START_CPU[0] + float(spec["cpu_s"])) + 1
+        resource.setrlimit(resource.RLIMIT_CPU,
+                           (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
     log.info("lowering job %s: model_name=%s backend_id=%s device=%s options=%s",
              spec["job_id"], spec["model_name"], spec["backend_id"], spec["device"],
              spec["options"])

@@ -54,3 +54,22 @@ def test_off_runs_jobs_unsandboxed_and_says_so_loudly(
         done = submit(http, programs / "linear.pt2", wait=600, model_name="trusted")
         assert done.status_code == 200, done.text
     assert "UNSANDBOXED" in server.log()
+
+
+def test_priming_again_over_a_primed_cache_and_a_job_compiling_the_same_code(
+    start_server: Callable[..., Server], programs: Path, tmp_path: Path
+) -> None:
+    """Inductor rewrites some outputs in place when their hashed name exists: a job (or a
+    second priming) that compiles code the shared cache already holds must not trip over
+    the read-only cache."""
+    cache = tmp_path / "inductor"
+    first = start_server(workers=1, inductor_cache_dir=cache)
+    first.stop()
+    markers = list(cache.glob("primed-*.json"))
+    assert len(markers) == 1
+    markers[0].unlink()  # the next start primes again: the same code, already in the cache
+    second = start_server(workers=1, inductor_cache_dir=cache)
+    with second.client() as http:
+        assert http.get("/v1/info").json()["executor"]["primed_s"] > 0
+        done = submit(http, programs / "linear.pt2", wait=600, model_name="after_reprime")
+        assert done.status_code == 200, done.text
