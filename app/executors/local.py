@@ -98,6 +98,10 @@ class LocalExecutor:
             self.probe_error = f"sandbox unavailable: {status.missing}"
             log.error("no job will run: %s", self.probe_error)
             return
+        # The sandbox user reads the shared cache as "other": a 0700 dir (a restrictive
+        # umask, a tmp dir) would leave every job to rebuild headers and probes alone.
+        with contextlib.suppress(OSError):
+            self.settings.inductor_dir.chmod(0o755)
         if self.settings.prime_workers and not self._prime():
             return
         for slot in self._slots:
@@ -171,12 +175,13 @@ class LocalExecutor:
 
     def _slot_loop(self, slot: _Slot) -> None:
         failures = 0
+        held: str | None = None  # a job taken just as its child turned out dead
         while not self._closing.is_set():
             try:
                 child = self._warm_child(slot)
                 if child is not None:
                     failures = 0
-                    self._serve_one(slot, child)
+                    held = self._serve_one(slot, child, held)
                     continue
             except Exception as exc:  # e.g. bwrap vanished: keep the slot, say why
                 log.exception("slot %d failed", slot.index)
@@ -184,21 +189,32 @@ class LocalExecutor:
             failures += 1
             self._closing.wait(min(60.0, 2.0 ** failures))
 
-    def _serve_one(self, slot: _Slot, child: SandboxedChild) -> None:
-        """Wait for a job this warm child can take, run it, and let the child go."""
+    def _serve_one(self, slot: _Slot, child: SandboxedChild, held: str | None) -> str | None:
+        """Wait for a job this warm child can take, run it, and let the child go.
+
+        Returns a job that was taken while the child had died idle (not yet noticed):
+        it goes to the next child of this slot instead of failing.
+        """
         while True:
-            try:
-                job_id = self._queue.get(timeout=IDLE_CHECK_S)
-            except queue.Empty:
-                if self._closing.is_set() or not child.alive():
-                    child.finish()  # died idle (OOM killer, kill -9): warm a new one
-                    return
-                continue
+            if held is not None:
+                job_id: str | None = held
+                held = None
+            else:
+                try:
+                    job_id = self._queue.get(timeout=IDLE_CHECK_S)
+                except queue.Empty:
+                    if self._closing.is_set() or not child.alive():
+                        child.finish()  # died idle (OOM killer, kill -9): warm a new one
+                        return None
+                    continue
             if job_id is None or self._closing.is_set():
                 child.finish()
-                return
+                return None
+            if not child.alive():
+                child.finish()
+                return job_id
             if self._run(slot, child, job_id):
-                return
+                return None
 
     def _run(self, slot: _Slot, child: SandboxedChild, job_id: str) -> bool:
         """Claim and run ``job_id``; False if it was not ours to run (child kept warm)."""
@@ -275,8 +291,11 @@ class LocalExecutor:
 
     @property
     def ready(self) -> bool:
+        """A job submitted now will run: every slot alive, one not failing, and a sandbox
+        has warmed up here before. A slot warming its next child after a job is normal
+        (the job waits seconds), so readiness does not flap with every job."""
         alive = all(s.thread is not None and s.thread.is_alive() for s in self._slots)
-        serving = any(s.state in ("ready", "running") for s in self._slots)
+        serving = any(s.state in ("warming", "ready", "running") for s in self._slots)
         return self._booted.is_set() and alive and serving and self.toolchain is not None
 
     @property
@@ -354,7 +373,9 @@ def publish_cache(private: Path, shared: Path) -> int:
                 continue
             if dest.exists():
                 continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            if not dest.parent.is_dir():
+                dest.parent.mkdir(parents=True)
+                dest.parent.chmod(0o755)
             tmp = dest.with_name(f".{name}.{os.getpid()}.tmp")
             shutil.copyfile(src, tmp)
             os.chmod(tmp, 0o755 if os.access(src, os.X_OK) else 0o644)

@@ -130,29 +130,28 @@ def test_sigkilled_sandbox_fails_only_its_job(
     assert client.get("/healthz").status_code == 200
 
 
-def test_idle_sandboxes_killed_are_replaced_and_readyz_tells(
+def test_idle_sandboxes_killed_are_replaced(
     start_server: Callable[..., Server], programs: Path
 ) -> None:
     server = start_server(workers=1)
     with server.client() as http:
         killed: set[int] = set()
         for _ in range(3):  # the OOM killer picking idle workers, again and again
+            deadline = time.monotonic() + 120
+            while http.get("/v1/info").json()["executor"]["slots"][0]["state"] != "ready":
+                assert time.monotonic() < deadline, "the slot never warmed a new sandbox"
+                time.sleep(0.1)
             idle = _next_sandbox(server, exclude=killed)
             tree = _tree(idle.pid)
             idle.kill()
             killed.add(idle.pid)
             assert _all_gone(tree) == []
-        deadline = time.monotonic() + 5
-        states = []
-        while time.monotonic() < deadline:  # not ready while no sandbox is warm
-            states.append(http.get("/readyz").status_code)
-            if 503 in states:
-                break
-            time.sleep(0.05)
-        assert 503 in states, "readyz said ready while no sandbox was warm"
-        server.wait_ready()
+        # Still ready (a job submitted now runs once the slot has warmed a new sandbox),
+        # and it does run: the pool did not break.
+        assert http.get("/readyz").status_code == 200
         done = submit(http, programs / "kwargs.pt2", wait=600, model_name="after_idle_kill")
         assert done.status_code == 200, done.text
+        assert http.get("/v1/info").json()["executor"]["slots"][0]["state"] != "failing"
 
 
 def test_api_crash_takes_every_sandbox_with_it(
