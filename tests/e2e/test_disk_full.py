@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import Server
@@ -69,3 +71,39 @@ def test_full_disk_is_507_not_500_and_delete_frees_space(
 
         filler.unlink()
         server.wait_ready(timeout_s=30)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MiB tmpfs: too small for inductor's precompiled headers."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_priming_that_runs_out_of_space_is_not_ready(
+    start_server: Callable[..., Server], tiny_disk: Path, programs: Path
+) -> None:
+    server = start_server(tiny_disk / "data", ready=False, workers=1,
+                          inductor_cache_dir=tiny_disk / "inductor")
+    with server.client() as http:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                ready = http.get("/readyz")
+                if "priming failed" in ready.text:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert ready.status_code == 503, ready.text
+        assert "priming failed" in ready.json()["checks"]["workers"]
+        refused = submit(http, programs / "linear.pt2", model_name="no_room")
+        assert refused.status_code == 503, refused.text
