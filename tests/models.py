@@ -123,6 +123,11 @@ def _slow() -> ExportedProgram:
     return torch.export.export(_Slow().eval(), (torch.randn(4, 32),))
 
 
+def _slower() -> ExportedProgram:
+    """Long enough to compile that a short job timeout always lands inside g++."""
+    return torch.export.export(_Slow(depth=90).eval(), (torch.randn(4, 32),))
+
+
 class _MaskedMean(nn.Module):
     """A data-dependent row count that stays inside the graph: lowering fails (FACTS.md)."""
 
@@ -148,6 +153,7 @@ BUILDERS: dict[str, Callable[[], ExportedProgram]] = {
     "kwargs": _kwargs,
     "counter": _counter,
     "slow": _slow,
+    "slower": _slower,
     "custom_output": _custom_output,
     "masked_mean": _masked_mean,
 }

@@ -180,9 +180,9 @@ def test_timeout_then_restart_keeps_jobs_and_preloads(
     start_server: Callable[..., Server], programs: Path, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "data"
-    first = start_server(data_dir, workers=1, job_timeout_s=12)
+    first = start_server(data_dir, workers=1, job_timeout_s=15)
     with first.client() as http:
-        slow_id = submit(http, programs / "slow.pt2", model_name="slow_timeout").json()["id"]
+        slow_id = submit(http, programs / "slower.pt2", model_name="slow_timeout").json()["id"]
         running = wait_for(http, slow_id, until={"running"}, phase="lower")
         tree = _compiling_tree(running["worker_pid"])
         timed_out = wait_for(http, slow_id, timeout_s=120)
