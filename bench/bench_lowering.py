@@ -1,4 +1,4 @@
-"""Is the service fast? One run, one machine, plain way vs service, five figures.
+"""Is the service fast? One run, one machine, plain way vs service, six figures.
 
 1. distinct:  a never-seen model, upload -> archive in hand (``POST ?wait=``) on a warm
               service vs the plain way (fresh ``python``: import torch, load,
@@ -8,6 +8,8 @@
 3. parallel:  8 distinct models at once vs 8 others one by one, 2 workers. Target <= 0.65.
 4. latency:   GET /v1/lowerings/{id} while every worker compiles. Target p99 < 50 ms.
 5. upload:    API process RSS rise while a 1 GiB upload streams in. Target < 64 MB.
+6. sandbox:   the same distinct models through LOWERING_SANDBOX=required and =off servers,
+              alternating: what the sandbox costs per job (info, no target).
 
 Every upload is a program generated here with its own seed (bench/gen_programs.py), so no
 two share a sha256 and the result cache can only hit where figure 2 asks it to.

@@ -1,4 +1,4 @@
-"""The five figures. Each takes a running server and returns rows for the final table."""
+"""The figures. Each takes a running server (or two) and returns rows for the final table."""
 
 from __future__ import annotations
 
