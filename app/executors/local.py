@@ -11,26 +11,20 @@ jobs read but cannot write.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import queue
 import shutil
-import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from app import __version__, worker
-from app.constants import LOWERING_VERSION, ErrorCode, JobStatus
+from app import worker
+from app.constants import ErrorCode, JobStatus
 from app.jobs.cache import settle_children
 from app.jobs.store import JobStore
+from app.sandbox.cache import publish_cache, toolchain_stamp
 from app.sandbox.process import SandboxedChild
 from app.sandbox.profile import SandboxStatus, from_settings
 from app.settings import Settings
@@ -116,7 +110,7 @@ class LocalExecutor:
         Skipped when the shared cache already says it was primed for this toolchain
         (torch, compiler, service version): a restart does not pay for it again.
         """
-        marker = self.settings.inductor_dir / f"primed-{_toolchain_stamp()}.json"
+        marker = self.settings.inductor_dir / f"primed-{toolchain_stamp()}.json"
         if marker.is_file():
             log.info("shared inductor cache already primed (%s)", marker.name)
             with contextlib.suppress(OSError, ValueError):
@@ -356,46 +350,3 @@ class LocalExecutor:
             if slot.thread is not None:
                 slot.thread.join(timeout=30)
 
-
-def publish_cache(private: Path, shared: Path) -> int:
-    """Copy the regular files a trusted priming run compiled into the shared cache.
-
-    Links (to files already shared) and locks are skipped; each file lands by atomic
-    rename, owned by this service and read-only to the sandbox user.
-    """
-    count = 0
-    for root, dirs, files in os.walk(private):
-        dirs[:] = [d for d in dirs if d != "locks"]
-        rel = Path(root).relative_to(private)
-        for name in files:
-            src, dest = Path(root) / name, shared / rel / name
-            if src.is_symlink() or not src.is_file() or name.endswith((".lock", ".tmp")):
-                continue
-            if dest.exists():
-                continue
-            if not dest.parent.is_dir():
-                dest.parent.mkdir(parents=True)
-                dest.parent.chmod(0o755)
-            tmp = dest.with_name(f".{name}.{os.getpid()}.tmp")
-            shutil.copyfile(src, tmp)
-            os.chmod(tmp, 0o755 if os.access(src, os.X_OK) else 0o644)
-            os.replace(tmp, dest)
-            count += 1
-    return count
-
-
-@functools.cache
-def _toolchain_stamp() -> str:
-    """What the shared cache's contents depend on, without importing torch."""
-    try:
-        torch_version = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        torch_version = "none"
-    try:
-        compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True,
-                                  timeout=30).stdout.splitlines()[:1]
-    except (OSError, subprocess.TimeoutExpired):
-        compiler = []
-    material = json.dumps([torch_version, compiler, __version__, LOWERING_VERSION,
-                           sys.version, platform.machine()])
-    return hashlib.sha256(material.encode()).hexdigest()[:16]
