@@ -108,10 +108,13 @@ def _hand_over(job: Job, child: SandboxedChild, settings: Settings) -> None:
     upload = settings.uploads_dir / f"{job['id']}.pt2"
     target = child.scratch / INPUT_NAME
     try:
-        upload.chmod(0o644)  # read by the sandbox user; the upload is never written again
-        try:
-            os.link(upload, target)
-        except OSError:
+        if child.may_hardlink_inputs:
+            upload.chmod(0o644)  # read by the sandbox user, written by nobody
+            try:
+                os.link(upload, target)
+            except OSError:
+                shutil.copyfile(upload, target)
+        else:  # a job must never be able to change the upload a retry would run
             shutil.copyfile(upload, target)
     except OSError as exc:
         code = ErrorCode.STORAGE_FULL if exc.errno in SPACE_ERRNOS else ErrorCode.INTERNAL

@@ -58,6 +58,10 @@ class SandboxedChild:
                                       scratch=scratch, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=log)
         self.pid = self.proc.pid
+        # Run as another uid on the host, the child can read but never modify a file we
+        # hardlink into its scratch; mapped onto our own uid (unprivileged bwrap, or
+        # sandbox off), it could, so inputs must be copied.
+        self.may_hardlink_inputs = sandbox.privileged and sandbox.mode == "required"
         self._exit: Exit | None = None
         self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,),
                                         name=f"sandbox-{self.pid}", daemon=True)

@@ -221,3 +221,35 @@ def test_python_is_the_workers_interpreter_with_torch(data_dir: Path) -> None:
     """)
     assert info["prefix"] == sys.prefix
     assert info["torch"].split("+")[0] == __import__("torch").__version__.split("+")[0]
+
+
+def test_a_hardlinked_input_is_read_only_to_the_job(tmp_path: Path) -> None:
+    """The supervisor hardlinks the rebuilt upload into scratch only when the sandbox
+    runs as another uid on the host; then the job can read it but never change it (a
+    retry must run what the gate admitted)."""
+    from app.sandbox.profile import Limits, Sandbox
+
+    sandbox = Sandbox(mode="required", shared_cache=tmp_path,
+                      limits=Limits(memory_bytes=4 << 30, cpu_s=60, file_bytes=1 << 30))
+    if not (sandbox.privileged and sandbox.check(tmp_path / "check").available):
+        pytest.skip("hardlinking inputs is only done with a root launcher")
+    upload = tmp_path / "upload.pt2"
+    upload.write_bytes(b"admitted")
+    upload.chmod(0o644)
+    scratch = tmp_path / "scratch"
+    sandbox.prepare_scratch(scratch)
+    os.link(upload, scratch / "input.pt2")
+    code = ("import json, os\nout = {'read': open('input.pt2').read()}\n"
+            "for how in ('a', 'r+'):\n"
+            "    try:\n        open('input.pt2', how).write('tampered'); out[how] = 'written'\n"
+            "    except OSError as exc:\n        out[how] = type(exc).__name__\n"
+            "try:\n    os.chmod('input.pt2', 0o666); out['chmod'] = 'done'\n"
+            "except OSError as exc:\n    out['chmod'] = type(exc).__name__\n"
+            "print(json.dumps(out))")
+    proc = sandbox.popen(["python", "-c", code], scratch=scratch, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    result = json.loads(out)
+    assert result == {"read": "admitted", "a": "PermissionError", "r+": "PermissionError",
+                      "chmod": "PermissionError"}, err
+    assert upload.read_bytes() == b"admitted"
