@@ -328,8 +328,8 @@ class LocalExecutor:
             "jobs_running": running,
             "jobs_waiting_for_a_slot": self._queue.qsize(),
             "primed_s": self.primed_s,
-            "slots": [{"state": s.state, "job_id": s.job_id, "warm_s": s.warm_s,
-                       "error": s.error} for s in self._slots],
+            "slots": [{"state": s.state, "job_id": s.job_id, "pid": s.child_pid,
+                       "warm_s": s.warm_s, "error": s.error} for s in self._slots],
             "sandbox": self.sandbox_status.as_dict() if self.sandbox_status else None,
             "limits": self.sandbox.limits.as_dict(),
         }

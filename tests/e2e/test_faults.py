@@ -34,22 +34,6 @@ def _gone(pid: int, timeout_s: float = 30) -> bool:
     return False
 
 
-def _sandboxes(server: Server) -> list[psutil.Process]:
-    """The server's bwrap processes: one warm or running sandbox per slot."""
-    return [child for child in psutil.Process(server.proc.pid).children(recursive=False)
-            if child.name() == "bwrap"]
-
-
-def _next_sandbox(server: Server, *, exclude: set[int], timeout_s: float = 60) -> psutil.Process:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        fresh = [p for p in _sandboxes(server) if p.pid not in exclude and _alive(p)]
-        if fresh:
-            return fresh[0]
-        time.sleep(0.05)
-    raise AssertionError("no new sandbox was started")
-
-
 def _tree(pid: int) -> list[psutil.Process]:
     root = psutil.Process(pid)
     return [root, *root.children(recursive=True)]
@@ -138,13 +122,16 @@ def test_idle_sandboxes_killed_are_replaced(
         killed: set[int] = set()
         for _ in range(3):  # the OOM killer picking idle workers, again and again
             deadline = time.monotonic() + 120
-            while http.get("/v1/info").json()["executor"]["slots"][0]["state"] != "ready":
+            while True:  # a new sandbox, warm and idle
+                slot = http.get("/v1/info").json()["executor"]["slots"][0]
+                if slot["state"] == "ready" and slot["pid"] not in killed:
+                    break
                 assert time.monotonic() < deadline, "the slot never warmed a new sandbox"
                 time.sleep(0.1)
-            idle = _next_sandbox(server, exclude=killed)
-            tree = _tree(idle.pid)
-            idle.kill()
-            killed.add(idle.pid)
+            tree = _tree(slot["pid"])
+            assert tree[0].name() == "bwrap"
+            tree[0].kill()
+            killed.add(slot["pid"])
             assert _all_gone(tree) == []
         # Still ready (a job submitted now runs once the slot has warmed a new sandbox),
         # and it does run: the pool did not break.
