@@ -80,3 +80,17 @@ def open_partial_upload(url: str, *, declared_bytes: int, sent_bytes: int) -> so
                  + f"Content-Length: {declared_bytes}\r\n\r\n".encode() + head
                  + b"\0" * sent_bytes)
     return sock
+
+
+def readyz_saying(client: httpx.Client, needle: str, *, timeout_s: float) -> httpx.Response:
+    """Poll /readyz of a server still starting until its answer mentions ``needle``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ready = client.get("/readyz")
+            if needle in ready.text or time.monotonic() > deadline:
+                return ready
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)

@@ -2,34 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import Server
-from tests.factories import submit
+from tests.factories import readyz_saying, submit
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1.2 GiB tmpfs (priming needs room) of its own (needs root, as CI runs)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200m", "tmpfs", str(mount)],
+@contextlib.contextmanager
+def _tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of its own at ``where`` (mounting needs root, as CI runs)."""
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
-        yield mount
+        yield where
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """1.2 GiB: room for priming (inductor's precompiled headers), then filled."""
+    with _tmpfs(tmp_path / "disk", "1200m") as mount:
+        yield mount
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """48 MiB: too small for inductor's precompiled headers."""
+    with _tmpfs(tmp_path / "tiny", "48m") as mount:
+        yield mount
 
 
 def _fill(disk: Path) -> Path:
@@ -73,36 +85,13 @@ def test_full_disk_is_507_not_500_and_delete_frees_space(
         server.wait_ready(timeout_s=30)
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 48 MiB tmpfs: too small for inductor's precompiled headers."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_priming_that_runs_out_of_space_is_not_ready(
     start_server: Callable[..., Server], tiny_disk: Path, programs: Path
 ) -> None:
     server = start_server(tiny_disk / "data", ready=False, workers=1,
                           inductor_cache_dir=tiny_disk / "inductor")
     with server.client() as http:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                ready = http.get("/readyz")
-                if "priming failed" in ready.text:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        ready = readyz_saying(http, "priming failed", timeout_s=300)
         assert ready.status_code == 503, ready.text
         assert "priming failed" in ready.json()["checks"]["workers"]
         refused = submit(http, programs / "linear.pt2", model_name="no_room")

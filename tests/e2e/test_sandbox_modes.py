@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import Server
-from tests.factories import submit
+from tests.factories import readyz_saying, submit
 
 pytestmark = pytest.mark.slow
 
@@ -22,15 +20,7 @@ def test_required_without_bwrap_refuses_jobs_and_names_what_is_missing(
     empty.mkdir()
     server = start_server(ready=False, workers=1, env_extra={"PATH": str(empty)})
     with server.client() as http:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                ready = http.get("/readyz")
-                if "bwrap" in ready.text:
-                    break
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.1)
+        ready = readyz_saying(http, "bwrap", timeout_s=60)
         assert ready.status_code == 503
         assert "bwrap (bubblewrap) is not installed" in ready.json()["checks"]["sandbox"]
         assert "apt-get install bubblewrap" in ready.json()["checks"]["sandbox"]
