@@ -10,6 +10,7 @@ opens without following links, checks as a pt2 zip and copies into the store.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -215,8 +216,6 @@ def _checked_error(raw: Any) -> JobError:
 
 def _bounded(value: Any) -> Any:
     """JSON-able and small: a child's oversized answer is dropped, not stored."""
-    import json
-
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):

@@ -119,12 +119,9 @@ class LocalExecutor:
         scratch = self.settings.scratch_dir / "prime"
         child = SandboxedChild(self.sandbox, scratch=scratch, args=["prime"],
                                log_path=self.settings.logs_dir / "prime.log")
-        try:
-            event = child.next_event(PRIME_TIMEOUT_S)
-        except queue.Empty:
-            event = None
+        event = child.expect("primed", PRIME_TIMEOUT_S)
         ended = child.finish()
-        if event is None or event["event"] != "primed":
+        if event is None:
             tail = worker.read_log_tail(child.log_path, 600).strip().splitlines()[-3:]
             self.probe_error = (f"priming failed (exit {ended.returncode}): "
                                 f"{' | '.join(tail) or 'no output'}")
@@ -150,11 +147,8 @@ class LocalExecutor:
                                log_path=self.settings.scratch_dir / f"slot-{slot.index}.log",
                                args=["job", ",".join(self.settings.preload_modules)])
         slot.child, slot.child_pid = child, child.pid
-        try:
-            event = child.next_event(READY_TIMEOUT_S)
-        except queue.Empty:
-            event = None
-        if event is None or event["event"] != "ready":
+        event = child.expect("ready", READY_TIMEOUT_S)
+        if event is None:
             ended = child.finish()
             tail = worker.read_log_tail(child.log_path, 600).strip().splitlines()[-2:]
             slot.state = "failing"

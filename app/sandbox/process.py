@@ -50,7 +50,6 @@ class SandboxedChild:
         self.scratch = scratch
         self.log_path = log_path
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.started = time.monotonic()
         sandbox.prepare_scratch(scratch)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
@@ -82,6 +81,15 @@ class SandboxedChild:
     def next_event(self, timeout_s: float) -> dict[str, Any] | None:
         """The next event; None at end of stream; raises queue.Empty on timeout."""
         return self.events.get(timeout=max(0.0, timeout_s))
+
+    def expect(self, name: str, timeout_s: float) -> dict[str, Any] | None:
+        """The first event if it is ``name``; None if the child says something else,
+        dies, or stays silent for ``timeout_s``."""
+        try:
+            event = self.next_event(timeout_s)
+        except queue.Empty:
+            return None
+        return event if event is not None and event["event"] == name else None
 
     def send(self, message: dict[str, Any]) -> None:
         assert self.proc.stdin is not None

@@ -29,20 +29,21 @@ async def healthz() -> dict[str, str]:
 async def readyz(settings: SettingsDep, store: StoreDep, executor: ExecutorDep) -> JSONResponse:
     """Ready when a job submitted now will run: sandbox, primed workers, DB, data dir."""
     checks = await to_thread.run_sync(_checks, settings, store)
-    sandbox = executor.info().get("sandbox") or {}
+    state = executor.info()
+    sandbox = state.get("sandbox") or {}
     if sandbox.get("mode") == "off":
         checks["sandbox"] = "ok (off: jobs run unsandboxed)"
     else:
         checks["sandbox"] = "ok" if sandbox.get("available") else (
             sandbox.get("missing") or "checking")
-    checks["workers"] = "ok" if executor.ready else (executor.unavailable or _slots(executor))
+    checks["workers"] = "ok" if executor.ready else (executor.unavailable or _slots(state))
     ready = all(value.startswith("ok") for value in checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
                         status_code=200 if ready else 503)
 
 
-def _slots(executor: Any) -> str:
-    errors = [slot["error"] for slot in executor.info().get("slots", []) if slot.get("error")]
+def _slots(state: dict[str, Any]) -> str:
+    errors = [slot["error"] for slot in state.get("slots", []) if slot.get("error")]
     return f"not ready: {errors[0]}" if errors else "starting"
 
 
@@ -69,13 +70,14 @@ async def info(settings: SettingsDep, executor: ExecutorDep) -> dict[str, Any]:
     """Versions, devices, workers, limits and the allowed AOTInductor options."""
     toolchain = executor.toolchain or {}
     devices = ["cpu"] + [f"cuda:{i}" for i in range(int(toolchain.get("cuda_devices") or 0))]
+    state = executor.info()
     return {
         "service": {"name": "lowering-service", "version": __version__},
         "torch_version": toolchain.get("torch_version"),
         "toolchain": toolchain or None,
         "devices": devices,
-        "executor": executor.info(),
-        "sandbox": executor.info().get("sandbox"),
+        "executor": state,
+        "sandbox": state.get("sandbox"),
         "limits": {
             "max_upload_bytes": settings.max_upload_bytes,
             "job_timeout_s": settings.job_timeout_s,
