@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck bench clean sandbox-check
+.PHONY: serve test test-fast lint typecheck bench clean sandbox-check
 
 # Every job runs in bubblewrap; without it the service starts but refuses jobs (503).
 sandbox-check:
@@ -34,6 +34,11 @@ typecheck: $(STAMP)
 
 test: lint typecheck sandbox-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier (tests/unit, tests/api): no server, no AOTInductor compile; under 2 minutes.
+# e2e/ and integration/ are marked slow by directory in tests/conftest.py.
+test-fast: lint typecheck sandbox-check
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_lowering.py $(BENCH_ARGS)

@@ -17,6 +17,18 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tiers by directory. unit/ and api/ are the fast tier: in process, no server, no compile.
+# e2e/ starts real servers whose workers prime with an AOTInductor compile; integration/
+# lowers in process. Both are `slow`, so `pytest -m "not slow"` never compiles.
+SLOW_DIRS = (ROOT / "tests" / "e2e", ROOT / "tests" / "integration")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under SLOW_DIRS, and any test that starts a server, `slow`."""
+    for item in items:
+        in_slow_dir = any(item.path.is_relative_to(folder) for folder in SLOW_DIRS)
+        if in_slow_dir or "start_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 def free_port() -> int:
