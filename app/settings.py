@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(2 * 1024**3, gt=0)
     max_queued: int = Field(64, ge=1, description="queued lowerings beyond which submit is 429")
     cache: bool = Field(True, description="serve identical submissions from the result cache")
+    migrate_on_start: bool = Field(
+        False, description="upgrade a non-SQLite job database at start (one process at a "
+        "time, under a lock); off: the service refuses to start until `lowering-service "
+        "migrate` has run. SQLite databases are always upgraded at start")
     prime_workers: bool = Field(
         True, description="a trusted tiny lowering at start fills the shared inductor cache "
         "(precompiled headers, ISA probes) that jobs read")

@@ -16,7 +16,16 @@ from sqlalchemy import (
     Table,
 )
 
-metadata = MetaData()
+# Names for constraints added from now on, the same on every database, so a migration can
+# drop them by name (SQLite's batch mode needs that). Today's indexes are named explicitly,
+# so nothing existing changes. No "uq"/"pk" rules: they would rename the unnamed unique
+# constraint on id and the primary key that release 0.1 databases already have; name
+# new unique constraints explicitly.
+metadata = MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+})
 
 lowerings = Table(
     "lowerings",
