@@ -1,93 +1,271 @@
-"""Errors, each carrying the HTTP status it maps to.
+"""Errors, each carrying the HTTP status it maps to and the API error codes it may carry.
 
-ServiceError (500)            anything we did not foresee; the body says nothing internal
- ├── ArtifactCorrupt (500)    a stored artifact is gone or no longer matches its sha256
- ├── BadRequest (400)         malformed request: missing field, bad JSON, bad query value
- ├── NotFound (404)           unknown lowering id
- ├── RequestTimeout (408)     the upload stalled (LOWERING_UPLOAD_STALL_TIMEOUT_S)
- ├── Conflict (409)           a status transition that is not allowed
- ├── PayloadTooLarge (413)    upload over LOWERING_MAX_UPLOAD_BYTES
- ├── UnsupportedMediaType (415) not multipart, or an upload that is not a zip
- ├── Unprocessable (422)      well-formed but unacceptable: pattern, device, option
- ├── TooManyRequests (429)    the queue is full (LOWERING_MAX_QUEUED); carries Retry-After
- ├── ServiceUnavailable (503) no job can run here now (e.g. the sandbox is missing)
- └── StorageFull (507)        the data dir is out of space
+ServiceError (500)              anything we did not foresee; the body says nothing internal
+ ├── ArtifactCorrupt (500)      a stored artifact is gone or no longer matches its sha256
+ ├── BadRequest (400)           a body that cannot be read as a form
+ ├── NotFound (404)             unknown lowering id or route
+ ├── MethodNotAllowed (405)     a route answered for another method (raised by the router)
+ ├── RequestTimeout (408)       the upload stalled (LOWERING_UPLOAD_STALL_TIMEOUT_S)
+ ├── Conflict (409)             a status transition that is not allowed
+ ├── PayloadTooLarge (413)      upload over LOWERING_MAX_UPLOAD_BYTES, archive over its limits
+ ├── UnsupportedMediaType (415) not multipart, or an upload that is not a pt2 zip
+ ├── Unprocessable (422)        a readable form with a missing, unknown or bad field; an
+ │                              upload the gate refuses
+ ├── TooManyRequests (429)      the queue is full (LOWERING_MAX_QUEUED); carries Retry-After
+ ├── ServiceUnavailable (503)   no job can run here now (sandbox missing, database locked)
+ └── StorageFull (507)          the data dir is out of space
+
+Every ``error.code`` the API answers with is an :class:`ApiErrorCode`, and each code
+belongs to exactly one class above, so each code has one HTTP status
+(``ApiErrorCode.X.status``).
 
 JobError is not an HTTP error: it is a failed job's (code, message, detail), raised
-inside a worker and stored on the job record.
+inside a worker and stored on the job record; its codes are ``constants.ErrorCode``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+from typing import Any, ClassVar
+
+
+class ApiErrorCode(enum.StrEnum):
+    """Every ``error.code`` of an error response; each member says when it is used."""
+
+    meaning: str
+
+    def __new__(cls, value: str, meaning: str = "") -> ApiErrorCode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        return member
+
+    @property
+    def status(self) -> int:
+        """The one HTTP status this code is answered with."""
+        return error_class(self).status
+
+    # 500
+    INTERNAL_ERROR = "internal_error", "anything not foreseen; the server log has the details"
+    ARTIFACT_CORRUPT = "artifact_corrupt", (
+        "the stored artifact is missing or no longer matches its sha256 and is not served; "
+        "submit again with ?cache=bypass")
+    # 400
+    BAD_REQUEST = "bad_request", (
+        "the form cannot be read: a file in a field other than `program`, a second file, "
+        "more than 32 fields, a field that is not UTF-8")
+    MALFORMED_MULTIPART = "malformed_multipart", (
+        "the multipart framing is broken: bad boundary, a part without a form-data name, "
+        "a truncated body")
+    DUPLICATE_FIELD = "duplicate_field", "a form field is sent more than once"
+    CLIENT_DISCONNECTED = "client_disconnected", (
+        "the client went away mid-request (nobody reads this answer)")
+    # 404, 405, 408
+    NOT_FOUND = "not_found", "no lowering has this id, or no route has this path"
+    METHOD_NOT_ALLOWED = "method_not_allowed", (
+        "the path exists but not for this method; the Allow header lists those that do")
+    UPLOAD_STALLED = "upload_stalled", (
+        "the upload sent nothing for LOWERING_UPLOAD_STALL_TIMEOUT_S and was dropped")
+    # 409
+    CONFLICT = "conflict", "the job's status does not allow this"
+    ARTIFACT_NOT_READY = "artifact_not_ready", (
+        "the artifact is asked for before the job has succeeded")
+    NOT_CANCELLABLE = "not_cancellable", "cancel is asked of a job that has already ended"
+    JOB_ACTIVE = "job_active", "delete is asked of a queued or running job; cancel it first"
+    # 413
+    UPLOAD_TOO_LARGE = "upload_too_large", (
+        "the upload is over LOWERING_MAX_UPLOAD_BYTES, or a form field over 64 KiB")
+    ARCHIVE_TOO_LARGE = "archive_too_large", (
+        "the archive is over a limit of /v1/info limits.archive: members, member or total "
+        "uncompressed size, compression ratio, JSON values")
+    # 415
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", (
+        "the body is of a type this route does not read")
+    NOT_MULTIPART = "not_multipart", "the submit body is not multipart/form-data with a boundary"
+    NOT_A_PT2_ARCHIVE = "not_a_pt2_archive", (
+        "`program` is not the zip torch.export.save writes, or one of its members is corrupt")
+    # 422: the form's fields
+    INVALID_PARAMETER = "invalid_parameter", (
+        "a field or query parameter has a bad value: verify, rtol, atol, options as a whole "
+        "(not a JSON object within its limits), ?wait, ?limit, ?cursor, ...")
+    MISSING_FIELD = "missing_field", (
+        "a required form field is absent: model_name, or the program file")
+    UNKNOWN_FIELD = "unknown_field", "the form has a field the service does not know"
+    INVALID_NAME = "invalid_name", "model_name or backend_id does not match its pattern"
+    INVALID_DEVICE = "invalid_device", "device is not cpu, cuda or cuda:N"
+    DEVICE_UNAVAILABLE = "device_unavailable", "this host has no such device"
+    UNKNOWN_OPTION = "unknown_option", "options names a setting outside /v1/info options"
+    INVALID_OPTION = "invalid_option", (
+        "an allowed option has a value of the wrong type, outside its choices or its pattern")
+    # 422: the upload gate
+    UNSAFE_MEMBER_NAME = "unsafe_member_name", (
+        "an archive member's name is absolute, climbs with .., has a backslash, colon or "
+        "control character, or appears twice")
+    UNSUPPORTED_LAYOUT = "unsupported_layout", (
+        "the archive's folders and files are not those of a torch.export program")
+    MISSING_EXAMPLE_INPUTS = "missing_example_inputs", (
+        "the program was exported without the example inputs that verification runs")
+    UNSAFE_PICKLE = "unsafe_pickle", (
+        "a pickle in the archive names a global or opcode outside the allowlist")
+    UNSAFE_GRAPH = "unsafe_graph", (
+        "the serialized graph holds an operator, expression or value outside the allowlist")
+    UPLOAD_TOO_COMPLEX = "upload_too_complex", (
+        "checking the upload needed more memory, CPU or time than the gate allows")
+    # 429, 503, 507
+    QUEUE_FULL = "queue_full", (
+        "LOWERING_MAX_QUEUED lowerings already wait; retry after Retry-After seconds")
+    SERVICE_UNAVAILABLE = "service_unavailable", "the service cannot take requests now"
+    SANDBOX_UNAVAILABLE = "sandbox_unavailable", (
+        "no lowering can run here: the sandbox or the workers are missing (see /readyz)")
+    DATABASE_BUSY = "database_busy", (
+        "the job database stayed locked for a minute; retry after Retry-After seconds")
+    STORAGE_FULL = "storage_full", "the data dir or the job database is out of disk space"
+
+
+_CLASS_OF: dict[ApiErrorCode, type[ServiceError]] = {}
+
+
+def error_class(code: ApiErrorCode) -> type[ServiceError]:
+    """The one ServiceError class that carries ``code``."""
+    return _CLASS_OF[code]
 
 
 class ServiceError(Exception):
-    """Base class; ``status`` and ``code`` are read by the exception handler."""
+    """Base class; ``status`` and ``code`` are read by the exception handler.
 
-    status = 500
-    code = "internal_error"
+    :param message: what the caller reads; for a 4xx, exactly what to fix.
+    :param code: one of the class's ``codes``; its default ``code`` if left out.
 
-    def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
+    A subclass that sets ``codes`` owns them: no other class may list them.
+    """
+
+    status: ClassVar[int] = 500
+    code: ApiErrorCode = ApiErrorCode.INTERNAL_ERROR
+    codes: ClassVar[frozenset[ApiErrorCode]] = frozenset({ApiErrorCode.INTERNAL_ERROR})
+
+    def __init__(self, message: str, *, code: ApiErrorCode | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
+            code = ApiErrorCode(code)
+            if code not in self.codes:
+                raise ValueError(f"{type(self).__name__} ({self.status}) cannot carry the code "
+                                 f"{code.value!r}; {error_class(code).__name__} does")
             self.code = code
-        self.extra = extra
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "codes" in cls.__dict__:
+            _register(cls)
+
+
+def _register(cls: type[ServiceError]) -> None:
+    assert cls.code in cls.codes, f"{cls.__name__}.code must be one of its codes"
+    for code in cls.codes:
+        owner = _CLASS_OF.setdefault(code, cls)
+        assert owner is cls, f"{code.value!r} belongs to {owner.__name__}, not {cls.__name__}"
+
+
+_register(ServiceError)
 
 
 class ArtifactCorrupt(ServiceError):
-    code = "artifact_corrupt"
+    code = ApiErrorCode.ARTIFACT_CORRUPT
+    codes = frozenset({ApiErrorCode.ARTIFACT_CORRUPT})
 
 
 class BadRequest(ServiceError):
     status = 400
-    code = "bad_request"
+    code = ApiErrorCode.BAD_REQUEST
+    codes = frozenset({ApiErrorCode.BAD_REQUEST, ApiErrorCode.MALFORMED_MULTIPART,
+                       ApiErrorCode.DUPLICATE_FIELD, ApiErrorCode.CLIENT_DISCONNECTED})
 
 
 class NotFound(ServiceError):
     status = 404
-    code = "not_found"
+    code = ApiErrorCode.NOT_FOUND
+    codes = frozenset({ApiErrorCode.NOT_FOUND})
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    code = ApiErrorCode.METHOD_NOT_ALLOWED
+    codes = frozenset({ApiErrorCode.METHOD_NOT_ALLOWED})
 
 
 class RequestTimeout(ServiceError):
     status = 408
-    code = "upload_stalled"
+    code = ApiErrorCode.UPLOAD_STALLED
+    codes = frozenset({ApiErrorCode.UPLOAD_STALLED})
 
 
 class Conflict(ServiceError):
     status = 409
-    code = "conflict"
+    code = ApiErrorCode.CONFLICT
+    codes = frozenset({ApiErrorCode.CONFLICT, ApiErrorCode.ARTIFACT_NOT_READY,
+                       ApiErrorCode.NOT_CANCELLABLE, ApiErrorCode.JOB_ACTIVE})
 
 
 class PayloadTooLarge(ServiceError):
     status = 413
-    code = "upload_too_large"
+    code = ApiErrorCode.UPLOAD_TOO_LARGE
+    codes = frozenset({ApiErrorCode.UPLOAD_TOO_LARGE, ApiErrorCode.ARCHIVE_TOO_LARGE})
 
 
 class UnsupportedMediaType(ServiceError):
     status = 415
-    code = "unsupported_media_type"
+    code = ApiErrorCode.UNSUPPORTED_MEDIA_TYPE
+    codes = frozenset({ApiErrorCode.UNSUPPORTED_MEDIA_TYPE, ApiErrorCode.NOT_MULTIPART,
+                       ApiErrorCode.NOT_A_PT2_ARCHIVE})
 
 
 class Unprocessable(ServiceError):
     status = 422
-    code = "invalid_parameter"
+    code = ApiErrorCode.INVALID_PARAMETER
+    codes = frozenset({
+        ApiErrorCode.INVALID_PARAMETER, ApiErrorCode.MISSING_FIELD, ApiErrorCode.UNKNOWN_FIELD,
+        ApiErrorCode.INVALID_NAME, ApiErrorCode.INVALID_DEVICE, ApiErrorCode.DEVICE_UNAVAILABLE,
+        ApiErrorCode.UNKNOWN_OPTION, ApiErrorCode.INVALID_OPTION,
+        ApiErrorCode.UNSAFE_MEMBER_NAME, ApiErrorCode.UNSUPPORTED_LAYOUT,
+        ApiErrorCode.MISSING_EXAMPLE_INPUTS, ApiErrorCode.UNSAFE_PICKLE, ApiErrorCode.UNSAFE_GRAPH,
+        ApiErrorCode.UPLOAD_TOO_COMPLEX,
+    })
 
 
 class TooManyRequests(ServiceError):
+    """The queue is full.
+
+    :param retry_after_s: sent as the Retry-After header: when a retry may find room.
+    """
+
     status = 429
-    code = "queue_full"
+    code = ApiErrorCode.QUEUE_FULL
+    codes = frozenset({ApiErrorCode.QUEUE_FULL})
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ServiceUnavailable(ServiceError):
     status = 503
-    code = "service_unavailable"
+    code = ApiErrorCode.SERVICE_UNAVAILABLE
+    codes = frozenset({ApiErrorCode.SERVICE_UNAVAILABLE, ApiErrorCode.SANDBOX_UNAVAILABLE,
+                       ApiErrorCode.DATABASE_BUSY})
 
 
 class StorageFull(ServiceError):
     status = 507
-    code = "storage_full"
+    code = ApiErrorCode.STORAGE_FULL
+    codes = frozenset({ApiErrorCode.STORAGE_FULL})
+
+
+def error_code_table() -> str:
+    """The codes as a Markdown table (status, code, when), for the README."""
+    rows = ["| status | code | when |", "| --- | --- | --- |"]
+    rows += [f"| {code.status} | `{code.value}` | {code.meaning} |"
+             for code in sorted(ApiErrorCode, key=lambda code: code.status)]
+    return "\n".join(rows)
 
 
 class JobError(Exception):

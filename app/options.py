@@ -1,6 +1,8 @@
 """The AOTInductor settings a caller may pass in ``options``, and their checks.
 
-Only keys listed here reach ``torch._inductor.config``; anything else is a 422.
+Only keys listed here reach ``torch._inductor.config``; anything else is a 422. Every
+refusal is a 422: ``unknown_option``, ``invalid_option`` for one key's value, and
+``invalid_parameter`` for the field as a whole (not JSON, not an object, over a limit).
 This module never imports torch: the API validates with it, the worker applies it.
 """
 
@@ -12,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import BadRequest, Unprocessable
+from app.errors import ApiErrorCode, Unprocessable
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def parse_options(raw: str | None) -> dict[str, Any]:
             raise Unprocessable(
                 f"option {key[:80]!r} is not allowed; "
                 f"allowed: {', '.join(sorted(ALLOWED_OPTIONS))}",
-                code="unknown_option",
+                code=ApiErrorCode.UNKNOWN_OPTION,
             )
         out[key] = _check(key, spec, value[key])
     return out
@@ -94,7 +96,7 @@ def parse_bounded_json(
     max_depth: int = MAX_OPTIONS_DEPTH,
     max_number_chars: int = MAX_NUMBER_CHARS,
 ) -> Any:
-    """json.loads with limits; every refusal is BadRequest (not JSON) or Unprocessable."""
+    """json.loads with limits; every refusal is Unprocessable (``invalid_parameter``)."""
     size = len(raw.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise Unprocessable(f"{what} is {size} bytes of JSON; at most {max_bytes} bytes allowed")
@@ -123,8 +125,8 @@ def parse_bounded_json(
         return result
 
     def constant(token: str) -> Any:
-        raise BadRequest(f"{what} is not valid JSON: {token} is not allowed (JSON has no "
-                         "NaN or Infinity)")
+        raise Unprocessable(f"{what} is not valid JSON: {token} is not allowed (JSON has no "
+                            "NaN or Infinity)")
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -138,7 +140,8 @@ def parse_bounded_json(
         return json.loads(raw, parse_int=as_int, parse_float=as_float,
                           parse_constant=constant, object_pairs_hook=pairs)
     except json.JSONDecodeError as exc:
-        raise BadRequest(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}") from exc
+        raise Unprocessable(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}"
+                            ) from exc
     except (RecursionError, ValueError) as exc:  # belt and braces: the limits above prevent these
         raise Unprocessable(f"{what} could not be parsed within limits: {type(exc).__name__}"
                             ) from exc
@@ -170,14 +173,14 @@ def _check(key: str, spec: OptionSpec, item: Any) -> Any:
     # bool is a subclass of int in Python; keep them apart.
     if type(item) is not spec.type:
         raise Unprocessable(
-            f"option {key!r} must be of type {spec.type.__name__}", code="invalid_option"
+            f"option {key!r} must be of type {spec.type.__name__}", code=ApiErrorCode.INVALID_OPTION
         )
     if spec.choices is not None and item not in spec.choices:
         raise Unprocessable(
-            f"option {key!r} must be one of {list(spec.choices)}", code="invalid_option"
+            f"option {key!r} must be one of {list(spec.choices)}", code=ApiErrorCode.INVALID_OPTION
         )
     if spec.pattern is not None and not re.fullmatch(spec.pattern, str(item)):
         raise Unprocessable(
-            f"option {key!r} must match {spec.pattern}", code="invalid_option"
+            f"option {key!r} must match {spec.pattern}", code=ApiErrorCode.INVALID_OPTION
         )
     return item

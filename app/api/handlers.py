@@ -11,20 +11,32 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.errors import ServiceError
+from app.errors import (
+    ApiErrorCode,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    TooManyRequests,
+)
 from app.jobs.store import is_busy
 from app.storage.reserve import out_of_space
 
 log = logging.getLogger("app.api")
+# The statuses Starlette's router and request parsing raise, as our classes.
+_STARLETTE: dict[int, type[ServiceError]] = {
+    cls.status: cls for cls in (BadRequest, NotFound, MethodNotAllowed, PayloadTooLarge)}
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error_response(code: ApiErrorCode, message: str) -> JSONResponse:
+    """The error body, with the one status ``code`` is registered with."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=code.status)
 
 
 def _disk_full() -> JSONResponse:
     log.error("the data dir or the job database is out of space")
-    return error_response(507, "storage_full", "the service is out of disk space; delete "
+    return error_response(ApiErrorCode.STORAGE_FULL, "the service is out of disk space; delete "
                           "finished lowerings (DELETE /v1/lowerings/{id}) or free space, "
                           "then retry")
 
@@ -36,9 +48,9 @@ def register_exception_handlers(app: FastAPI) -> None:
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
         if exc.status >= 500:
             log.error("service error: %s", exc.message)
-        response = error_response(exc.status, exc.code, exc.message)
-        if "retry_after_s" in exc.extra:
-            response.headers["Retry-After"] = str(exc.extra["retry_after_s"])
+        response = error_response(exc.code, exc.message)
+        if isinstance(exc, TooManyRequests):
+            response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -47,12 +59,15 @@ def register_exception_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path"))
             parts.append(f"{where}: {err.get('msg')}")
-        return error_response(422, "invalid_parameter", "; ".join(parts) or "invalid request")
+        return error_response(ApiErrorCode.INVALID_PARAMETER,
+                              "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        response = error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
+        # Any other status (none is raised in this app) is answered as 400 or 500, so
+        # every code keeps its one status.
+        fallback = BadRequest if exc.status_code < 500 else ServiceError
+        response = error_response(_STARLETTE.get(exc.status_code, fallback).code,
                                   str(exc.detail))
         if exc.headers:
             response.headers.update(exc.headers)
@@ -61,7 +76,8 @@ def register_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnect)
     async def _disconnect(_: Request, exc: ClientDisconnect) -> JSONResponse:
         # Nobody is listening; the upload was already discarded.
-        return error_response(400, "client_disconnected", "the client went away mid-request")
+        return error_response(ApiErrorCode.CLIENT_DISCONNECTED,
+                              "the client went away mid-request")
 
     @app.exception_handler(OSError)
     async def _os(_: Request, exc: OSError) -> JSONResponse:
@@ -76,11 +92,13 @@ def register_exception_handlers(app: FastAPI) -> None:
         if not is_busy(exc):
             return await _unexpected(_, exc)
         # Writers were retried for a minute and the database is still locked.
-        response = error_response(503, "database_busy", "the job database is busy; retry soon")
+        response = error_response(ApiErrorCode.DATABASE_BUSY,
+                                  "the job database is busy; retry soon")
         response.headers["Retry-After"] = "5"
         return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", "internal error; the server log has details")
+        return error_response(ApiErrorCode.INTERNAL_ERROR,
+                              "internal error; the server log has details")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.constants import DEVICE_PATTERN, NAME_PATTERN
-from app.errors import Unprocessable
+from app.errors import ApiErrorCode, Unprocessable
 from app.options import parse_options
 from app.settings import Settings
 
@@ -41,11 +41,11 @@ def parse_params(
     if unknown:
         raise Unprocessable(
             f"unknown form field(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_FIELDS))}",
-            code="unknown_field",
+            code=ApiErrorCode.UNKNOWN_FIELD,
         )
     model_name = fields.get("model_name")
     if model_name is None:
-        raise Unprocessable("form field 'model_name' is required", code="missing_field")
+        raise Unprocessable("form field 'model_name' is required", code=ApiErrorCode.MISSING_FIELD)
     _check_name("model_name", model_name)
     backend_id = fields.get("backend_id", "aoti")
     _check_name("backend_id", backend_id)
@@ -67,14 +67,14 @@ def _check_name(field: str, value: str) -> None:
         raise Unprocessable(
             f"{field} {value[:140]!r} must match {NAME_PATTERN} (letters, digits, '_', '.', '-'; "
             "at most 128 characters, starting with a letter or digit)",
-            code="invalid_name",
+            code=ApiErrorCode.INVALID_NAME,
         )
 
 
 def _check_device(device: str, cuda_devices: int | None) -> None:
     if not re.fullmatch(DEVICE_PATTERN, device):
         raise Unprocessable(f"device {device[:40]!r} must be cpu, cuda or cuda:N",
-                            code="invalid_device")
+                            code=ApiErrorCode.INVALID_DEVICE)
     if device == "cpu":
         return
     index = int(device.partition(":")[2] or 0)
@@ -82,7 +82,7 @@ def _check_device(device: str, cuda_devices: int | None) -> None:
         have = f"{cuda_devices} CUDA device(s)" if cuda_devices is not None else "no known GPU"
         raise Unprocessable(
             f"device {device!r} is not available on this host ({have}); use cpu",
-            code="device_unavailable",
+            code=ApiErrorCode.DEVICE_UNAVAILABLE,
         )
 
 
@@ -94,7 +94,7 @@ def _parse_bool(field: str, raw: str | None, *, default: bool) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise Unprocessable(f"{field} must be true or false", code="invalid_parameter")
+    raise Unprocessable(f"{field} must be true or false")
 
 
 def _parse_tolerance(field: str, raw: str | None, default: float) -> float:
@@ -105,5 +105,5 @@ def _parse_tolerance(field: str, raw: str | None, default: float) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise Unprocessable(f"{field} must be a finite number >= 0", code="invalid_parameter")
+        raise Unprocessable(f"{field} must be a finite number >= 0")
     return value

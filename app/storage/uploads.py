@@ -20,7 +20,7 @@ from anyio import to_thread
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.constants import CHUNK_BYTES
-from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from app.errors import ApiErrorCode, BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 _T = TypeVar("_T")
 MAX_FIELD_BYTES = 64 * 1024
@@ -32,7 +32,7 @@ BOUNDARY_RULE = ("a multipart boundary is 1-70 characters from A-Z a-z 0-9 ' ( )
 
 
 def _malformed(message: str) -> BadRequest:
-    return BadRequest(f"malformed multipart body: {message}", code="malformed_multipart")
+    return BadRequest(f"malformed multipart body: {message}", code=ApiErrorCode.MALFORMED_MULTIPART)
 
 
 @dataclass
@@ -111,7 +111,7 @@ class _FormSink:
             self.handle = self.form.file_path.open("wb")
         elif self._name in self.form.fields:
             raise BadRequest(f"form field {self._name[:80]!r} appears more than once; send it once",
-                             code="duplicate_field")
+                             code=ApiErrorCode.DUPLICATE_FIELD)
         elif len(self.form.fields) >= MAX_FIELDS:
             raise BadRequest("too many form fields")
         else:
@@ -168,7 +168,7 @@ async def receive_form(
     if ctype != b"multipart/form-data" or not params.get(b"boundary"):
         raise UnsupportedMediaType(
             "send multipart/form-data with the program file in the field 'program'",
-            code="not_multipart",
+            code=ApiErrorCode.NOT_MULTIPART,
         )
     boundary = params[b"boundary"]
     if not BOUNDARY_RE.fullmatch(boundary):

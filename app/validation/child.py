@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
-from app.errors import ServiceError
+from app.errors import ApiErrorCode, ServiceError
 from app.validation.gate import admit_upload
 from app.validation.limits import ArchiveLimits
 
@@ -43,17 +43,17 @@ def main(stdin: IO[str], stdout: IO[str]) -> int:
                               ArchiveLimits(**request["limits"]))
         result: dict[str, Any] = {"report": asdict(report)}
     except ServiceError as exc:
-        message = TOO_COMPLEX.format(memory) if exc.code == "upload_too_complex" else (
+        message = TOO_COMPLEX.format(memory) if exc.code == ApiErrorCode.UPLOAD_TOO_COMPLEX else (
             exc.message)
         result = {"error": {"status": exc.status, "code": exc.code, "message": message}}
     except MemoryError:
-        result = {"error": {"status": 422, "code": "upload_too_complex",
+        result = {"error": {"status": 422, "code": ApiErrorCode.UPLOAD_TOO_COMPLEX,
                             "message": TOO_COMPLEX.format(memory)}}
     except Exception as exc:  # a bug, not a refusal: the parent answers 500 and logs this
         import traceback
 
         traceback.print_exc()
-        result = {"error": {"status": 500, "code": "internal_error",
+        result = {"error": {"status": 500, "code": ApiErrorCode.INTERNAL_ERROR,
                             "message": type(exc).__name__}}
     stdout.write(json.dumps(result))
     stdout.flush()

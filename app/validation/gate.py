@@ -30,7 +30,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import ServiceError, StorageFull, Unprocessable, UnsupportedMediaType
+from app.errors import ApiErrorCode, ServiceError, StorageFull, Unprocessable, UnsupportedMediaType
 from app.sandbox import SPACE_ERRNOS
 from app.validation.graph import check_graph
 from app.validation.jsondoc import graph_error, load_json
@@ -83,14 +83,15 @@ def admit_upload(src: Path, dest: Path, limits: ArchiveLimits) -> GateReport:
         raise
     except MemoryError as exc:
         raise Unprocessable("checking this upload needed more memory than the gate may use; "
-                            "it is too complex to accept", code="upload_too_complex") from exc
+                            "it is too complex to accept",
+                            code=ApiErrorCode.UPLOAD_TOO_COMPLEX) from exc
     except OSError as exc:
         if exc.errno not in SPACE_ERRNOS:
             raise _unreadable(exc) from exc
         raise StorageFull("the service is out of disk space for uploads; retry later") from exc
     except RecursionError as exc:
         raise Unprocessable("upload is nested too deeply to check",
-                            code="unsupported_layout") from exc
+                            code=ApiErrorCode.UNSUPPORTED_LAYOUT) from exc
     except Exception as exc:  # anything a malformed zip makes zipfile or struct raise
         raise _unreadable(exc) from exc
     return GateReport(model=layout.model, members=len(members),
@@ -102,7 +103,7 @@ def _unreadable(exc: Exception) -> UnsupportedMediaType:
     return UnsupportedMediaType(
         f"program is not a readable .pt2 archive ({type(exc).__name__}: "
         f"{str(exc)[:120]}); upload the file torch.export.save wrote",
-        code="not_a_pt2_archive")
+        code=ApiErrorCode.NOT_A_PT2_ARCHIVE)
 
 
 def _check_members(archive: zipfile.ZipFile, layout: Layout, limits: ArchiveLimits) -> None:
@@ -128,6 +129,6 @@ def _check_members(archive: zipfile.ZipFile, layout: Layout, limits: ArchiveLimi
     inputs = members[layout.inputs]
     if inputs.size == 0:
         raise Unprocessable(f"member {inputs.name!r} is empty: the program was exported "
-                            "without example inputs", code="missing_example_inputs")
+                            "without example inputs", code=ApiErrorCode.MISSING_EXAMPLE_INPUTS)
     check_example_inputs(read_member(archive, inputs, limits.max_inputs_bytes), inputs.name,
                          limits)

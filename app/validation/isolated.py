@@ -25,14 +25,7 @@ import sys
 import weakref
 from pathlib import Path
 
-from app.errors import (
-    BadRequest,
-    PayloadTooLarge,
-    ServiceError,
-    StorageFull,
-    Unprocessable,
-    UnsupportedMediaType,
-)
+from app.errors import ApiErrorCode, ServiceError, StorageFull, Unprocessable, error_class
 from app.validation.child import MAX_OUTPUT_BYTES
 from app.validation.gate import GateReport
 from app.validation.limits import ArchiveLimits, GateResources
@@ -41,8 +34,6 @@ __all__ = ["GateResources", "run_gate"]
 log = logging.getLogger(__name__)
 MODULE = "app.validation.child"
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the ``app`` package
-_ERRORS: dict[int, type[ServiceError]] = {
-    400: BadRequest, 413: PayloadTooLarge, 415: UnsupportedMediaType, 422: Unprocessable}
 
 
 _SEMAPHORES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]]
@@ -58,7 +49,7 @@ def _semaphore(concurrency: int) -> asyncio.Semaphore:
 
 def _too_complex(what: str) -> Unprocessable:
     return Unprocessable(f"checking this upload {what}; it is too complex to accept",
-                         code="upload_too_complex")
+                         code=ApiErrorCode.UPLOAD_TOO_COMPLEX)
 
 
 async def run_gate(src: Path, dest: Path, limits: ArchiveLimits,
@@ -119,17 +110,16 @@ def _outcome(returncode: int, out: bytes, err: bytes, resources: GateResources) 
         if "report" in result:
             return GateReport(**result["report"])
         error = result["error"]
-        status, code, message = int(error["status"]), str(error["code"]), str(error["message"])
+        code, message = ApiErrorCode(error["code"]), str(error["message"])
     except Exception:  # no JSON at all: the child died without saying why
         log.error("upload gate child exited %s without a result: %s", returncode,
                   err.decode(errors="replace")[-4000:])
         raise ServiceError("the upload gate failed") from None
-    if status == StorageFull.status:
-        raise StorageFull(message, code=code)
-    if status >= 500:
+    cls = error_class(code)
+    if cls.status >= 500 and cls is not StorageFull:
         log.error("upload gate child failed: %s", err.decode(errors="replace")[-4000:])
         raise ServiceError("the upload gate failed")
-    raise _ERRORS.get(status, Unprocessable)(message, code=code)
+    raise cls(message, code=code)
 
 
 def _discard(dest: Path) -> None:

@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Callable
 from typing import Any
 
-from app.errors import PayloadTooLarge, Unprocessable
+from app.errors import ApiErrorCode, PayloadTooLarge, Unprocessable
 
 MAX_NAME_CHARS = 4096
 # FX node and value names: torch.fx replaces every other character with "_".
@@ -49,7 +49,8 @@ def load_json(data: bytes, *, where: str, max_depth: int, error: ErrorFactory,
     nested deeper than ``max_depth``."""
     if max_values is not None and json_values_bound(data) > max_values:
         raise PayloadTooLarge(f"member {where!r} holds more than {max_values} JSON values "
-                              "(LOWERING_ARCHIVE_MAX_JSON_VALUES)", code="archive_too_large")
+                              "(LOWERING_ARCHIVE_MAX_JSON_VALUES)",
+                              code=ApiErrorCode.ARCHIVE_TOO_LARGE)
     try:
         doc = json.loads(data.decode("utf-8"))
     except MemoryError:
@@ -133,4 +134,4 @@ def need_int(value: object, what: str, where: str, error: ErrorFactory, *,
 
 
 def graph_error(message: str) -> Unprocessable:
-    return Unprocessable(message, code="unsafe_graph")
+    return Unprocessable(message, code=ApiErrorCode.UNSAFE_GRAPH)

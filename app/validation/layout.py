@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from app.errors import Unprocessable
+from app.errors import ApiErrorCode, Unprocessable
 from app.validation.zipcheck import Member
 
 ARCHIVE_FORMAT = b"pt2"
@@ -49,7 +49,7 @@ REQUIRED = ("archive_format", "archive_version")
 
 
 def layout_error(message: str) -> Unprocessable:
-    return Unprocessable(message, code="unsupported_layout")
+    return Unprocessable(message, code=ApiErrorCode.UNSUPPORTED_LAYOUT)
 
 
 @dataclass
@@ -143,7 +143,7 @@ def plan_layout(members: list[Member], max_extra_files: int = 32) -> Layout:
     if layout.inputs not in by_rel:
         raise Unprocessable(f"archive has no example inputs ({layout.inputs}); export with "
                             "example inputs and save with torch.export.save",
-                            code="missing_example_inputs")
+                            code=ApiErrorCode.MISSING_EXAMPLE_INPUTS)
     for rel in (layout.weights_config, layout.constants_config):
         if rel not in by_rel:
             raise layout_error(f"archive has no {rel} member: not written by torch.export.save")

@@ -13,7 +13,7 @@ import math
 import re
 from typing import Any
 
-from app.errors import Unprocessable
+from app.errors import ApiErrorCode, Unprocessable
 from app.validation.jsondoc import need_dict, need_int, need_name
 from app.validation.limits import ArchiveLimits
 from app.validation.zipcheck import Member
@@ -35,7 +35,7 @@ def tensor_bytes(dtype: object, sizes: list[int]) -> int | None:
 
 
 def _layout_error(message: str) -> Unprocessable:
-    return Unprocessable(message, code="unsupported_layout")
+    return Unprocessable(message, code=ApiErrorCode.UNSUPPORTED_LAYOUT)
 
 
 def _ints(values: object, what: str, where: str) -> list[int]:
@@ -69,7 +69,7 @@ def check_payload_config(doc: Any, where: str, files: dict[str, Member], prefix:
         if meta.get("use_pickle") is not False:
             raise Unprocessable(f"member {where!r}: {fqn!r} is stored as a pickle "
                                 "(use_pickle); only raw tensor records are accepted",
-                                code="unsafe_pickle")
+                                code=ApiErrorCode.UNSAFE_PICKLE)
         if not isinstance(path, str) or not path.startswith(prefix) or path not in files:
             raise _layout_error(f"member {where!r}: {fqn!r} points at {str(path)[:80]!r}, "
                                 "which is not a tensor record in this archive")

@@ -26,7 +26,7 @@ import pickletools
 import re
 from typing import Any
 
-from app.errors import Unprocessable, UnsupportedMediaType
+from app.errors import ApiErrorCode, Unprocessable, UnsupportedMediaType
 from app.validation.limits import ArchiveLimits
 from app.validation.zipcheck import drain_member, read_member, scan_zip
 
@@ -76,7 +76,7 @@ class _Storage:
 
 
 def pickle_error(message: str) -> Unprocessable:
-    return Unprocessable(message, code="unsafe_pickle")
+    return Unprocessable(message, code=ApiErrorCode.UNSAFE_PICKLE)
 
 
 def check_example_inputs(data: bytes, where: str, limits: ArchiveLimits) -> None:
@@ -90,21 +90,22 @@ def check_example_inputs(data: bytes, where: str, limits: ArchiveLimits) -> None
     roots = {m.name.split("/", 1)[0] for m in members}
     if len(roots) != 1 or any("/" not in m.name for m in members):
         raise Unprocessable(f"member {where!r} must be a torch.save zip with one root folder",
-                            code="unsupported_layout")
+                            code=ApiErrorCode.UNSUPPORTED_LAYOUT)
     by_rel = {m.rel: m for m in members}
     for rel, member in by_rel.items():
         if not _MEMBERS.fullmatch(rel):
             raise Unprocessable(f"member {where!r} holds {member.name!r}, which torch.save "
-                                "does not write", code="unsupported_layout")
+                                "does not write", code=ApiErrorCode.UNSUPPORTED_LAYOUT)
     if "data.pkl" not in by_rel:
-        raise Unprocessable(f"member {where!r} has no data.pkl", code="missing_example_inputs")
+        raise Unprocessable(f"member {where!r} has no data.pkl",
+                            code=ApiErrorCode.MISSING_EXAMPLE_INPUTS)
     pkl = read_member(archive, by_rel["data.pkl"], limits.max_pickle_bytes, prefix)
     records = {rel[5:]: m.size for rel, m in by_rel.items() if rel.startswith("data/")}
     keys = walk_pickle(pkl, f"{where}/{by_rel['data.pkl'].name}", records, limits)
     for key in records:
         if key not in keys:
             raise Unprocessable(f"member {where!r}: record data/{key} is not used by data.pkl",
-                                code="unsupported_layout")
+                                code=ApiErrorCode.UNSUPPORTED_LAYOUT)
     for member in members:  # read every record once so its CRC is checked
         drain_member(archive, member, limits.max_inputs_bytes, prefix)
 

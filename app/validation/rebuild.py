@@ -13,7 +13,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from app.errors import ServiceError, UnsupportedMediaType
+from app.errors import ApiErrorCode, ServiceError, UnsupportedMediaType
 from app.validation.zipcheck import Member
 
 CHUNK_BYTES = 1 << 20
@@ -67,7 +67,7 @@ def _copy(archive: zipfile.ZipFile, member: Member, out: zipfile.ZipFile, offset
     except Exception as exc:  # BadZipFile (CRC), EOFError, zlib.error: a corrupt member
         raise UnsupportedMediaType(f"member {member.name!r} is corrupt "
                                    f"({type(exc).__name__}: {str(exc)[:80]})",
-                                   code="not_a_pt2_archive") from exc
+                                   code=ApiErrorCode.NOT_A_PT2_ARCHIVE) from exc
     if copied != member.size:
         raise UnsupportedMediaType(f"member {member.name!r} is shorter than its directory "
-                                   "entry says", code="not_a_pt2_archive")
+                                   "entry says", code=ApiErrorCode.NOT_A_PT2_ARCHIVE)

@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import IO
 
-from app.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from app.errors import ApiErrorCode, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from app.validation.limits import ArchiveLimits
 
 _EOCD = struct.Struct("<4sHHHHIIH")
@@ -43,7 +43,7 @@ class Member:
 
 def _bad(where: str, message: str) -> UnsupportedMediaType:
     return UnsupportedMediaType(f"{where}: {message}; a .pt2 archive is the zip that "
-                                "torch.export.save writes", code="not_a_pt2_archive")
+                                "torch.export.save writes", code=ApiErrorCode.NOT_A_PT2_ARCHIVE)
 
 
 def _central_directory(fh: IO[bytes], size: int, where: str) -> tuple[int, int]:
@@ -98,20 +98,21 @@ def _check_name(name: str, where: str) -> None:
     ):
         raise Unprocessable(
             f"{where}member {name!r} has an unsafe name (absolute, '..', '.', empty part, "
-            "backslash, colon, NUL or control character)", code="unsafe_member_name")
+            "backslash, colon, NUL or control character)", code=ApiErrorCode.UNSAFE_MEMBER_NAME)
 
 
 def _check_sizes(info: zipfile.ZipInfo, limits: ArchiveLimits, where: str) -> None:
     name = info.orig_filename
     if info.file_size > limits.max_member_bytes:
         raise PayloadTooLarge(f"{where}member {name!r} is {info.file_size} bytes uncompressed; "
-                              f"the limit is {limits.max_member_bytes}", code="archive_too_large")
+                              f"the limit is {limits.max_member_bytes}",
+                              code=ApiErrorCode.ARCHIVE_TOO_LARGE)
     if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
         raise _bad(name, "stored member whose compressed and uncompressed sizes differ")
     if info.file_size > 65536 and info.file_size > limits.max_ratio * max(info.compress_size, 1):
         raise PayloadTooLarge(f"{where}member {name!r} expands {info.file_size} / "
                               f"{info.compress_size} times; the limit is {limits.max_ratio}",
-                              code="archive_too_large")
+                              code=ApiErrorCode.ARCHIVE_TOO_LARGE)
 
 
 def scan_zip(fh: IO[bytes], size: int, limits: ArchiveLimits, where: str = "") -> tuple[
@@ -129,7 +130,7 @@ def scan_zip(fh: IO[bytes], size: int, limits: ArchiveLimits, where: str = "") -
     infos = archive.infolist()
     if len(infos) > limits.max_members:
         raise PayloadTooLarge(f"{where}archive has {len(infos)} members; the limit is "
-                              f"{limits.max_members}", code="archive_too_large")
+                              f"{limits.max_members}", code=ApiErrorCode.ARCHIVE_TOO_LARGE)
     if archive.start_dir != cd_offset:
         raise _bad(label, "data before the first member")
     seen: set[str] = set()
@@ -138,7 +139,7 @@ def scan_zip(fh: IO[bytes], size: int, limits: ArchiveLimits, where: str = "") -
         name = info.orig_filename
         if name in seen or info.filename in seen:
             raise Unprocessable(f"{where}member {name!r} appears twice; readers disagree on "
-                                "which copy they read", code="unsafe_member_name")
+                                "which copy they read", code=ApiErrorCode.UNSAFE_MEMBER_NAME)
         seen.update((name, info.filename))
         _check_name(name, where)
         if info.flag_bits & 0x1 or info.flag_bits & ~_ALLOWED_FLAGS:
@@ -150,7 +151,8 @@ def scan_zip(fh: IO[bytes], size: int, limits: ArchiveLimits, where: str = "") -
         total += info.file_size
         if total > limits.max_total_bytes:
             raise PayloadTooLarge(f"{where}archive expands to more than "
-                                  f"{limits.max_total_bytes} bytes", code="archive_too_large")
+                                  f"{limits.max_total_bytes} bytes",
+                                  code=ApiErrorCode.ARCHIVE_TOO_LARGE)
     _check_tiling(fh, infos, cd_offset)
     members = [Member(i.orig_filename, i.orig_filename.partition("/")[2], i) for i in infos]
     return archive, members
@@ -196,7 +198,7 @@ def _read(archive: zipfile.ZipFile, member: Member, cap: int, where: str, *, kee
           chunk: int = 1 << 20) -> bytes:
     if member.size > cap:
         raise PayloadTooLarge(f"{where}member {member.name!r} is {member.size} bytes; the "
-                              f"limit for it is {cap}", code="archive_too_large")
+                              f"limit for it is {cap}", code=ApiErrorCode.ARCHIVE_TOO_LARGE)
     blocks: list[bytes] = []
     seen = 0
     try:

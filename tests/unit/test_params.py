@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.api.submit import parse_params
-from app.errors import BadRequest, ServiceError, Unprocessable
+from app.errors import ApiErrorCode, ServiceError, Unprocessable
 from app.options import ALLOWED_OPTIONS, parse_options
 from app.settings import Settings
 from tests.strategies import form_fields, options_json
@@ -38,8 +38,9 @@ def test_options_are_normalised_and_typed() -> None:
         parse_options('{"cpp.simdlen": true}')  # a bool is not an int here
     with pytest.raises(Unprocessable, match="one of"):
         parse_options('{"cpp.simdlen": 64}')
-    with pytest.raises(BadRequest):
+    with pytest.raises(Unprocessable, match="not valid JSON") as caught:
         parse_options("{")
+    assert caught.value.code == ApiErrorCode.INVALID_PARAMETER
     assert parse_options("  ") == {}
     assert all(spec.description for spec in ALLOWED_OPTIONS.values())
 
@@ -72,8 +73,8 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ('{"cpp.simdlen": 1.' + "0" * 100 + "}", Unprocessable, "digits"),
         ('{"cpp.simdlen": 1e-' + "0" * 100 + "1}", Unprocessable, "digits"),
         ('{"cpp.simdlen": 1e999}', Unprocessable, "finite"),
-        ('{"cpp.simdlen": NaN}', BadRequest, "NaN"),
-        ('{"cpp.simdlen": -Infinity}', BadRequest, "Infinity"),
+        ('{"cpp.simdlen": NaN}', Unprocessable, "NaN"),
+        ('{"cpp.simdlen": -Infinity}', Unprocessable, "Infinity"),
         ('{"freezing": true, "freezing": false}', Unprocessable, "twice"),
         ('{"cpp.march": "' + "x" * 70_000 + '"}', Unprocessable, "bytes"),
         ('"just a string"', Unprocessable, "JSON object"),
