@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import enum
+import errno
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 DEVICE_PATTERN = r"^(cpu|cuda|cuda:[0-9]{1,2})$"
-PHASES = ("validate", "load", "lower", "package", "verify")
 CHUNK_BYTES = 1 << 20
+# errnos that mean "no room": disk full, file over RLIMIT_FSIZE, quota.
+SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class Phase(enum.StrEnum):
+    """The step a running job is in (``phase``); each is also a key of ``timings``."""
+
+    LOAD = "load"
+    """The sandbox reads the rebuilt upload into an ExportedProgram."""
+    LOWER = "lower"
+    """AOTInductor compiles the program (the long one)."""
+    PACKAGE = "package"
+    """The two programs and provenance are written into one pt2 archive."""
+    VERIFY = "verify"
+    """The archive's runner is compared with the original program."""
+
+
+# Keys of a job's ``timings``: the API's own "validate" (the upload gate), then the phases.
+TIMING_KEYS = ("validate", *(phase.value for phase in Phase))
 
 
 class JobStatus(enum.StrEnum):

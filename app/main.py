@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import shutil
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,66 +11,49 @@ from typing import Any
 from fastapi import FastAPI
 
 from app import __version__
+from app.api.deps import Services
 from app.api.handlers import register_exception_handlers
 from app.api.routes import health, lowerings
-from app.constants import ErrorCode, JobStatus
 from app.executors.local import LocalExecutor
+from app.jobs import migrate
+from app.jobs.lifecycle import JobLifecycle
 from app.jobs.store import JobStore
 from app.settings import Settings
-from app.storage.artifacts import ArtifactStore
+from app.storage.artifacts import LocalArtifactStore
+from app.storage.files import LocalLogStore, LocalUploadStore
 from app.storage.reserve import make_reserve
+from app.worker import JobContext
 
 log = logging.getLogger("app")
-MAX_ATTEMPTS = 2
-
-
-def recover_jobs(store: JobStore, executor: LocalExecutor) -> None:
-    """After a restart: re-run jobs that were running once, then queue what is queued."""
-    for job_id in store.ids_with_status(statuses=[JobStatus.RUNNING]):
-        job = store.get(job_id)
-        if job is not None and job["attempts"] < MAX_ATTEMPTS:
-            store.transition(job_id, from_=[JobStatus.RUNNING], to=JobStatus.QUEUED,
-                             started_at=None, worker_pid=None, phase=None)
-        else:
-            store.transition(job_id, from_=[JobStatus.RUNNING], to=JobStatus.FAILED, error={
-                "code": ErrorCode.INTERRUPTED.value,
-                "message": "the service stopped twice while this job ran; resubmit it",
-                "detail": {},
-            })
-    for job_id in store.ids_with_status(statuses=[JobStatus.QUEUED]):
-        job = store.get(job_id)
-        if job is None:
-            continue
-        if job["parent_id"] is None:
-            executor.submit(job_id)
-        else:  # attached to another job: settles with it (now, if that one is done)
-            executor.settle(job["parent_id"])
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; stores and the worker pool open in the lifespan."""
+    """Build the app; stores, the lifecycle and the executor open in the lifespan."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.ensure_dirs()
-        # No job runs yet: scratch dirs and partial uploads are left over from a crash.
-        for leftover in settings.scratch_dir.iterdir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        for partial in settings.uploads_dir.glob(".upload-*"):
-            partial.unlink(missing_ok=True)
+        uploads = LocalUploadStore(settings.uploads_dir)
+        uploads.discard_staged()  # receptions a crash cut short
         if not make_reserve(settings.data_dir):
             log.warning("the data dir has little free space: no disk reserve for DELETE")
+        # The embedded SQLite database migrates itself; a shared one is migrated by
+        # `lowering-service migrate` (or LOWERING_MIGRATE_ON_START) before any replica starts.
+        migrate.prepare(settings.db_url, auto_upgrade=settings.db_url.startswith("sqlite")
+                        or settings.migrate_on_start)
         store = JobStore(settings.db_url)
-        artifacts = ArtifactStore(settings.artifacts_dir)
-        executor = LocalExecutor(settings, store, artifacts)
+        logs = LocalLogStore(settings.logs_dir)
+        artifacts = LocalArtifactStore(settings.artifacts_dir)
+        lifecycle = JobLifecycle(store, uploads=uploads, logs=logs, artifacts=artifacts)
+        executor = LocalExecutor(JobContext(settings, lifecycle, uploads, logs, artifacts))
+        lifecycle.dispatch = executor.submit
+        lifecycle.listeners.append(executor)
         executor.start()
-        app.state.settings = settings
-        app.state.store = store
-        app.state.artifacts = artifacts
-        app.state.executor = executor
-        app.state.admit_lock = asyncio.Lock()
-        recover_jobs(store, executor)
+        app.state.services = Services(settings=settings, store=store, lifecycle=lifecycle,
+                                      uploads=uploads, logs=logs, artifacts=artifacts,
+                                      executor=executor)
+        lifecycle.recover()
         try:
             yield
         finally:

@@ -1,17 +1,16 @@
-"""The trusted supervisor of one job: ``run_job(job, child, ...)``. Never imports torch.
+"""The trusted supervisor of one job: ``run_job(job_id, child, ctx)``. Never imports torch.
 
-The supervisor holds the job DB and the stores; the sandboxed child holds neither. It
-hands the child the job's rebuilt upload (in the child's scratch dir) and a spec,
-follows its phase events, enforces the job and load time limits and cancellation,
+The supervisor holds the job lifecycle and the stores; the sandboxed child holds
+neither. It claims the job, hands the child the job's rebuilt upload (in the child's
+scratch dir) and a spec, follows its phase events (each answered by the lifecycle with
+"go on" or "stop": cancellation is cooperative), enforces the job and load time limits,
 then reads back only bytes: a JSON result it bounds and checks, and an artifact it
 opens without following links, checks as a pt2 zip and copies into the store.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import os
 import queue
@@ -22,25 +21,37 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from app import __version__
-from app.constants import ErrorCode, JobStatus
+from app.constants import ErrorCode, Phase
 from app.errors import JobError
-from app.jobs.store import Job, JobStore
-from app.sandbox import SPACE_ERRNOS
+from app.jobs import failures
+from app.jobs.lifecycle import ArtifactLost, JobLifecycle
+from app.jobs.store import JobRecord
 from app.sandbox.child import ARTIFACT_NAME, INPUT_NAME
-from app.sandbox.process import Exit, SandboxedChild
+from app.sandbox.process import SandboxedChild
 from app.settings import Settings
-from app.storage.artifacts import ArtifactStore
+from app.storage.base import ArtifactRef, ArtifactStore, LogStore, UploadStore
 
-log = logging.getLogger("app.worker")
-LOG_TAIL_BYTES = 4000
 MAX_MESSAGE_CHARS = 2000
 MAX_DETAIL_CHARS = 64_000
 EXIT_GRACE_S = 15.0
-LIMIT_SIGNALS = {24, 25}  # SIGXCPU, SIGXFSZ: the kernel enforcing RLIMIT_CPU / RLIMIT_FSIZE
-ACTIVE = [JobStatus.QUEUED, JobStatus.RUNNING]
+# How often a running job asks the lifecycle whether it is still wanted (cancel from
+# another process); a local cancel also arrives at once through ``stop``.
+PROGRESS_CHECK_S = 2.0
+Ran = Literal["not_claimed", "stopped", "finished"]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What every supervisor needs: built once by the executor."""
+
+    settings: Settings
+    lifecycle: JobLifecycle
+    uploads: UploadStore
+    logs: LogStore
+    artifacts: ArtifactStore
 
 
 @dataclass
@@ -49,21 +60,26 @@ class Outcome:
 
     result: dict[str, Any] | None = None
     error: JobError | None = None
-    cancelled: bool = False
+    stopped: bool = False
     resources: dict[str, Any] | None = None
 
 
-def run_job(job: Job, child: SandboxedChild, *, settings: Settings, store: JobStore,
-            artifacts: ArtifactStore, cancelled: threading.Event) -> str:
-    """Run a claimed (``running``) job in ``child`` to a final status; returns it."""
-    job_id = job["id"]
-    log_path = settings.logs_dir / f"{job_id}.log"
-    with contextlib.suppress(OSError):
-        os.replace(child.log_path, log_path)  # the child keeps writing to the same file
+def run_job(job_id: str, child: SandboxedChild, ctx: JobContext, *,
+            stop: threading.Event) -> Ran:
+    """Claim ``job_id`` and run it in ``child`` to a final status.
+
+    "not_claimed": it was not queued (cancelled or deleted while it waited) and the
+    child was not touched. "stopped": it was cancelled, or ``stop`` was set, while it
+    ran; the child is gone and the status was left to whoever stopped it.
+    """
+    job = ctx.lifecycle.claim(job_id, worker_pid=child.pid)
+    if job is None:
+        return "not_claimed"
+    ctx.logs.adopt(job_id, child.log_path)  # the child keeps writing to the same file
     outcome = Outcome()
     try:
-        _hand_over(job, child, settings)
-        outcome = _follow(job, child, settings, store, cancelled)
+        _hand_over(job, child, ctx)
+        outcome = _follow(job, child, ctx, stop)
     except JobError as exc:
         outcome.error = exc
     finally:
@@ -71,56 +87,52 @@ def run_job(job: Job, child: SandboxedChild, *, settings: Settings, store: JobSt
     # The child's own account (it saw its compilers); the bwrap tree's if it said nothing.
     resources = outcome.resources or {"cpu_s": ended.cpu_s,
                                       "peak_rss_bytes": ended.peak_rss_bytes}
-    if outcome.cancelled:
+    if outcome.stopped:
         shutil.rmtree(child.scratch, ignore_errors=True)
-        return JobStatus.CANCELLED.value
+        return "stopped"
     if outcome.error is None and outcome.result is None:
-        outcome.error = _died(ended, settings)
-    stored: tuple[str, int] | None = None
-    if outcome.error is None:
-        try:
-            stored = _collect(child.scratch, job, artifacts, settings)
-        except JobError as exc:
-            outcome.error = exc
-    # Before the status changes: whoever sees the final status sees no leftovers.
-    shutil.rmtree(child.scratch, ignore_errors=True)
-    if outcome.error is not None:
-        error = outcome.error.as_dict()
-        if outcome.error.code in (ErrorCode.LOWERING_FAILED, ErrorCode.INTERNAL,
-                                  ErrorCode.WORKER_CRASHED):
-            error["detail"]["log_tail"] = read_log_tail(log_path)
-        store.transition(job_id, from_=[JobStatus.RUNNING], to=JobStatus.FAILED, error=error,
-                         resources=resources)
-        return JobStatus.FAILED.value
-    assert stored is not None and outcome.result is not None
-    result = outcome.result
-    done = store.transition(
-        job_id, from_=[JobStatus.RUNNING], to=JobStatus.SUCCEEDED,
-        artifact_sha256=stored[0], artifact_size_bytes=stored[1],
-        timings={**(job["timings"] or {}), **result["timings"]},
-        verification=result["verification"], toolchain=result["toolchain"],
-        resources=resources,
-    )
-    return JobStatus.SUCCEEDED.value if done else "superseded"
-
-
-def _hand_over(job: Job, child: SandboxedChild, settings: Settings) -> None:
-    """Put the job's rebuilt upload into the child's scratch dir and send the spec."""
-    upload = settings.uploads_dir / f"{job['id']}.pt2"
-    target = child.scratch / INPUT_NAME
+        outcome.error = failures.died(returncode=ended.returncode, signal=ended.signal)
     try:
-        if child.may_hardlink_inputs:
-            upload.chmod(0o644)  # read by the sandbox user, written by nobody
-            try:
-                os.link(upload, target)
-            except OSError:
-                shutil.copyfile(upload, target)
-        else:  # a job must never be able to change the upload a retry would run
-            shutil.copyfile(upload, target)
+        if outcome.error is None:
+            assert outcome.result is not None
+            _succeed(job, child.scratch, outcome.result, resources, ctx)
+            return "finished"
+    except JobError as exc:
+        outcome.error = exc
+    finally:
+        # Before the status changes: whoever sees the final status sees no leftovers.
+        shutil.rmtree(child.scratch, ignore_errors=True)
+    assert outcome.error is not None
+    ctx.lifecycle.fail(job_id, outcome.error, resources=resources)
+    return "finished"
+
+
+def _succeed(job: JobRecord, scratch: Path, result: dict[str, Any],
+             resources: dict[str, Any], ctx: JobContext) -> None:
+    """Store the archive and commit the success; once more if a concurrent delete took
+    the identical archive between the two."""
+    for _ in range(2):
+        ref = _collect(scratch, job, ctx)
+        try:
+            ctx.lifecycle.succeed(job["id"], artifact=ref, timings=result["timings"],
+                                  verification=result["verification"],
+                                  toolchain=result["toolchain"], resources=resources)
+            return
+        except ArtifactLost:
+            continue
+    raise JobError(ErrorCode.INTERNAL, "the archive was removed as it was stored; resubmit")
+
+
+def _hand_over(job: JobRecord, child: SandboxedChild, ctx: JobContext) -> None:
+    """Put the job's rebuilt upload into the child's scratch dir and send the spec."""
+    settings = ctx.settings
+    try:
+        ctx.uploads.materialize(job["id"], child.scratch / INPUT_NAME,
+                                share=child.may_hardlink_inputs)
     except OSError as exc:
-        code = ErrorCode.STORAGE_FULL if exc.errno in SPACE_ERRNOS else ErrorCode.INTERNAL
-        raise JobError(code, f"the upload could not be handed to the sandbox: {exc.strerror}"
-                       ) from exc
+        error = failures.error_for(exc)
+        raise JobError(error.code, f"the upload could not be handed to the sandbox: "
+                       f"{exc.strerror}") from exc
     child.send({
         "job_id": job["id"], "model_name": job["model_name"], "backend_id": job["backend_id"],
         "device": job["device"], "options": job["options"], "verify": job["verify"],
@@ -131,55 +143,48 @@ def _hand_over(job: Job, child: SandboxedChild, settings: Settings) -> None:
     })
 
 
-def _follow(job: Job, child: SandboxedChild, settings: Settings, store: JobStore,
-            cancelled: threading.Event) -> Outcome:
-    """Relay phases until the child says done/failed, dies, overruns or is cancelled."""
+def _follow(job: JobRecord, child: SandboxedChild, ctx: JobContext,
+            stop: threading.Event) -> Outcome:
+    """Relay phases until the child says done/failed, dies, overruns or is stopped."""
+    settings, lifecycle = ctx.settings, ctx.lifecycle
     started = time.monotonic()
     deadline = started + settings.job_timeout_s
-    phase = "load"
+    next_check = started + PROGRESS_CHECK_S
+    phase = Phase.LOAD
     while True:
-        if cancelled.is_set():
-            child.kill()
-            return Outcome(cancelled=True)
         now = time.monotonic()
+        if now >= next_check:
+            next_check = now + PROGRESS_CHECK_S
+            if not lifecycle.progress(job["id"]):
+                stop.set()
+        if stop.is_set():
+            child.kill()
+            return Outcome(stopped=True)
         if now >= deadline:
             child.kill()
-            raise JobError(ErrorCode.TIMEOUT, f"lowering took longer than "
-                           f"{settings.job_timeout_s:g} s (LOWERING_JOB_TIMEOUT_S); the "
-                           "sandbox was stopped", {"timeout_s": settings.job_timeout_s,
-                                                   "phase": phase})
-        if phase == "load" and now >= started + settings.load_timeout_s:
+            raise failures.timed_out(limit_s=settings.job_timeout_s,
+                                     setting="LOWERING_JOB_TIMEOUT_S", phase=phase)
+        if phase is Phase.LOAD and now >= started + settings.load_timeout_s:
             child.kill()
-            raise JobError(ErrorCode.TIMEOUT, f"loading the program took longer than "
-                           f"{settings.load_timeout_s:g} s (LOWERING_LOAD_TIMEOUT_S); the "
-                           "sandbox was stopped", {"timeout_s": settings.load_timeout_s,
-                                                   "phase": "load"})
+            raise failures.timed_out(limit_s=settings.load_timeout_s,
+                                     setting="LOWERING_LOAD_TIMEOUT_S", phase=phase)
         try:
             event = child.next_event(min(0.5, deadline - now))
         except queue.Empty:
             continue
         if event is None:
-            return Outcome()  # died without a word: _died says how
+            return Outcome()  # died without a word: failures.died says how
         kind = event["event"]
-        if kind == "phase" and isinstance(event.get("phase"), str):
-            phase = event["phase"][:32]
-            store.update_running(job["id"], phase=phase)
+        if kind == "phase" and event.get("phase") in Phase.__members__.values():
+            phase = Phase(event["phase"])
+            if not lifecycle.progress(job["id"], phase=phase):
+                stop.set()
         elif kind == "done":
             return Outcome(result=_checked_result(event.get("result")),
                            resources=_checked_resources(event.get("resources")))
         elif kind == "failed":
             return Outcome(error=_checked_error(event.get("error")),
                            resources=_checked_resources(event.get("resources")))
-
-
-def _died(ended: Exit, settings: Settings) -> JobError:
-    detail = {"exitcode": ended.returncode, "signal": ended.signal}
-    if ended.signal in LIMIT_SIGNALS:
-        return JobError(ErrorCode.RESOURCE_LIMIT, "the job hit a resource limit (CPU time or "
-                        "file size: LOWERING_JOB_MAX_CPU_S, LOWERING_JOB_MAX_FILE_BYTES) and "
-                        "was stopped", detail)
-    return JobError(ErrorCode.WORKER_CRASHED, f"the sandboxed process died (exit code "
-                    f"{ended.returncode}) while lowering", detail)
 
 
 def _checked_result(raw: Any) -> dict[str, Any]:
@@ -223,8 +228,7 @@ def _bounded(value: Any) -> Any:
     return value if len(text) <= MAX_DETAIL_CHARS else {"truncated": True}
 
 
-def _collect(scratch: Path, job: Job, artifacts: ArtifactStore,
-             settings: Settings) -> tuple[str, int]:
+def _collect(scratch: Path, job: JobRecord, ctx: JobContext) -> ArtifactRef:
     """Open the child's archive without following links, check it, copy it into the store."""
     try:
         dir_fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -236,21 +240,22 @@ def _collect(scratch: Path, job: Job, artifacts: ArtifactStore,
     except OSError as exc:
         raise JobError(ErrorCode.INTERNAL, "the sandbox reported success but left no "
                        f"archive ({exc.strerror})") from exc
+    limit = ctx.settings.max_artifact_bytes
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise JobError(ErrorCode.INTERNAL, "the sandbox's archive is not a regular file")
-        if info.st_size > settings.max_artifact_bytes:
+        if info.st_size > limit:
             raise JobError(ErrorCode.STORAGE_FULL, f"the archive is {info.st_size} bytes, over "
-                           f"LOWERING_MAX_ARTIFACT_BYTES={settings.max_artifact_bytes}")
+                           f"LOWERING_MAX_ARTIFACT_BYTES={limit}")
         _check_archive(handle, job["model_name"], job["backend_id"])
         handle.seek(0)
         try:
-            return artifacts.put_stream(handle)
+            return ctx.artifacts.put_stream(handle)
         except OSError as exc:
-            code = (ErrorCode.STORAGE_FULL if exc.errno in SPACE_ERRNOS
-                    else ErrorCode.INTERNAL)
-            raise JobError(code, f"the archive could not be stored: {exc.strerror}") from exc
+            error = failures.error_for(exc)
+            raise JobError(error.code, f"the archive could not be stored: {exc.strerror}"
+                           ) from exc
 
 
 def _check_archive(handle: Any, model_name: str, backend_id: str) -> None:
@@ -280,12 +285,3 @@ def finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite(v) for v in value]
     return value
-
-
-def read_log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(max(0, path.stat().st_size - limit))
-            return handle.read().decode("utf-8", "replace")
-    except OSError:
-        return ""

@@ -1,4 +1,9 @@
-"""What the API needs from an executor; ``local.LocalExecutor`` is the local one."""
+"""What the API needs from an executor; ``local.LocalExecutor`` is the local one.
+
+An executor runs jobs and nothing else: it takes ids from ``JobLifecycle.dispatch``,
+runs ``worker.run_job`` for each, and reports deaths and overruns back to the
+lifecycle, which owns every status change.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from typing import Any, Protocol
 
 
 class Executor(Protocol):
-    """Runs each job in a fresh sandbox somewhere and records crashes/timeouts.
+    """Runs each job in a fresh sandbox somewhere.
 
     ``toolchain`` is what a worker reported (torch version, compiler, ISA, CUDA
     devices), None until one has started; ``probe_error`` says why it is missing.
@@ -27,16 +32,13 @@ class Executor(Protocol):
         """Start workers; returns at once."""
 
     def submit(self, job_id: str) -> None:
-        """Queue a job that is recorded as ``queued``."""
+        """Run a job that is recorded as ``queued`` (the lifecycle's dispatch)."""
 
     def cancel(self, job_id: str) -> bool:
-        """Stop a queued or running job; True if it was known here."""
-
-    def settle(self, job_id: str) -> None:
-        """Finish the identical jobs that waited on a finished ``job_id``."""
+        """Stop a running job's process now; True if it was running here."""
 
     def info(self) -> dict[str, Any]:
         """Workers, queue depth and the toolchain the workers reported."""
 
     def close(self) -> None:
-        """Stop all workers."""
+        """Stop all workers; jobs they were running go back to the queue."""

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app import worker
-from app.constants import ErrorCode, JobStatus
-from app.jobs.cache import settle_children
-from app.jobs.store import JobStore
+from app.constants import JobStatus
+from app.jobs import failures
+from app.jobs.store import JobRecord
 from app.sandbox.cache import publish_cache, toolchain_stamp
 from app.sandbox.process import SandboxedChild
 from app.sandbox.profile import SandboxStatus, from_settings
-from app.settings import Settings
-from app.storage.artifacts import ArtifactStore
+from app.storage.files import tail_text
 
 log = logging.getLogger("app.executors")
 READY_TIMEOUT_S = 300.0
@@ -53,15 +52,17 @@ class _Slot:
 class LocalExecutor:
     """Runs jobs on this host, each in a fresh sandboxed child.
 
-    :param settings: service settings.
-    :param store: the job store; supervisors claim and finish jobs in it.
-    :param artifacts: where verified archives are copied.
+    It is also a lifecycle listener: a cancel recorded anywhere stops the job's child
+    here at once (the supervisor would see it at its next progress check anyway).
+
+    :param ctx: settings, the job lifecycle and the stores the supervisors use.
     """
 
-    def __init__(self, settings: Settings, store: JobStore, artifacts: ArtifactStore) -> None:
+    def __init__(self, ctx: worker.JobContext) -> None:
+        settings = ctx.settings
+        self.ctx = ctx
         self.settings = settings
-        self.store = store
-        self.artifacts = artifacts
+        self.lifecycle = ctx.lifecycle
         self.sandbox = from_settings(settings)
         self.sandbox_status: SandboxStatus | None = None
         self.toolchain: dict[str, Any] | None = None
@@ -77,6 +78,9 @@ class LocalExecutor:
     # -- start-up ---------------------------------------------------------------------
 
     def start(self) -> None:
+        # No job runs yet: scratch dirs here are left over from a crash.
+        for leftover in self.settings.scratch_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
         threading.Thread(target=self._boot, name="executor-boot", daemon=True).start()
         threading.Thread(target=self._sweep, name="executor-sweep", daemon=True).start()
 
@@ -122,7 +126,7 @@ class LocalExecutor:
         event = child.expect("primed", PRIME_TIMEOUT_S)
         ended = child.finish()
         if event is None:
-            tail = worker.read_log_tail(child.log_path, 600).strip().splitlines()[-3:]
+            tail = tail_text(child.log_path, 600).strip().splitlines()[-3:]
             self.probe_error = (f"priming failed (exit {ended.returncode}): "
                                 f"{' | '.join(tail) or 'no output'}")
             log.error("%s; see %s", self.probe_error, child.log_path)
@@ -150,7 +154,7 @@ class LocalExecutor:
         event = child.expect("ready", READY_TIMEOUT_S)
         if event is None:
             ended = child.finish()
-            tail = worker.read_log_tail(child.log_path, 600).strip().splitlines()[-2:]
+            tail = tail_text(child.log_path, 600).strip().splitlines()[-2:]
             slot.state = "failing"
             slot.error = f"sandbox did not warm up (exit {ended.returncode}): {' | '.join(tail)}"
             log.error("slot %d: %s", slot.index, slot.error)
@@ -205,51 +209,28 @@ class LocalExecutor:
                 return None
 
     def _run(self, slot: _Slot, child: SandboxedChild, job_id: str) -> bool:
-        """Claim and run ``job_id``; False if it was not ours to run (child kept warm)."""
-        job = self.store.get(job_id)
-        if job is None:
-            return False
+        """Run ``job_id`` in ``child``; False if it was not ours to run (child kept warm)."""
         slot.cancel = threading.Event()
         with self._lock:
             self._running[job_id] = slot
         try:
-            claimed = self.store.transition(job_id, from_=[JobStatus.QUEUED],
-                                            to=JobStatus.RUNNING, phase="load",
-                                            worker_pid=child.pid, attempts=job["attempts"] + 1)
-            if not claimed:  # cancelled or deleted while it waited
-                return False
             slot.state, slot.job_id = "running", job_id
             try:
-                worker.run_job({**job, "attempts": job["attempts"] + 1}, child,
-                               settings=self.settings, store=self.store,
-                               artifacts=self.artifacts, cancelled=slot.cancel)
+                ran = worker.run_job(job_id, child, self.ctx, stop=slot.cancel)
             except Exception as exc:  # never let one job take the slot down
                 log.exception("supervising job %s failed", job_id)
                 child.finish()
-                self._fail(job_id, ErrorCode.INTERNAL, f"the supervisor failed: "
-                           f"{type(exc).__name__}", {})
-            if self._closing.is_set():
-                self._requeue_unfinished(job_id, attempts=job["attempts"])
+                self.lifecycle.fail(job_id, failures.error_for(exc))
+                ran = "finished"
+            if ran == "not_claimed":
+                slot.state, slot.job_id = "ready", None
+                return False
+            if ran == "stopped" and self._closing.is_set():
+                self.lifecycle.requeue(job_id)
+            return True
         finally:
             with self._lock:
                 self._running.pop(job_id, None)
-        if not self._closing.is_set():
-            self.settle(job_id)
-        return True
-
-    def _requeue_unfinished(self, job_id: str, *, attempts: int) -> None:
-        """A graceful stop interrupted this job: it runs again after the restart, and
-        the interruption is not counted against it."""
-        self.store.transition(job_id, from_=[JobStatus.RUNNING], to=JobStatus.QUEUED,
-                              attempts=attempts, started_at=None, phase=None, worker_pid=None)
-
-    def _fail(self, job_id: str, code: ErrorCode, message: str, detail: dict[str, Any]) -> None:
-        try:
-            self.store.transition(job_id, from_=[JobStatus.RUNNING], to=JobStatus.FAILED,
-                                  error={"code": code.value, "message": message,
-                                         "detail": detail})
-        except Exception:
-            log.exception("could not record the failure of job %s", job_id)
 
     def _sweep(self) -> None:
         """Every job marked running that no slot runs reaches a final state.
@@ -262,7 +243,7 @@ class LocalExecutor:
             if not self._booted.is_set():
                 continue
             try:
-                running = set(self.store.ids_with_status(statuses=[JobStatus.RUNNING]))
+                running = set(self.lifecycle.store.ids_with_status(statuses=[JobStatus.RUNNING]))
             except Exception:
                 log.exception("sweep: cannot read running jobs")
                 continue
@@ -270,9 +251,9 @@ class LocalExecutor:
                 orphans = running - set(self._running)
             for job_id in orphans & suspects:
                 log.error("job %s is marked running but no supervisor runs it", job_id)
-                self._fail(job_id, ErrorCode.INTERRUPTED, "the job's supervisor lost track "
-                           "of it (its final status could not be written); resubmit it", {})
-                self.settle(job_id)
+                with contextlib.suppress(Exception):  # tried again at the next sweep
+                    self.lifecycle.lost(job_id, "the job's supervisor lost track of it (its "
+                                        "final status could not be written); resubmit it")
             suspects = orphans
 
     # -- the Executor protocol ----------------------------------------------------------
@@ -302,15 +283,10 @@ class LocalExecutor:
         slot.cancel.set()
         return True
 
-    def settle(self, job_id: str) -> None:
-        """Finish the identical jobs that waited on ``job_id``; submit a new leader."""
-        try:
-            successor = settle_children(self.store, job_id)
-        except Exception:  # bookkeeping must not kill a slot thread
-            log.exception("settling the followers of %s failed", job_id)
-            return
-        if successor is not None:
-            self.submit(successor)
+    def job_finished(self, job: JobRecord) -> None:
+        """Lifecycle listener: a job cancelled while it runs here stops now."""
+        if job["status"] == JobStatus.CANCELLED.value:
+            self.cancel(job["id"])
 
     def info(self) -> dict[str, Any]:
         with self._lock:

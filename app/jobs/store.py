@@ -5,17 +5,84 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypedDict, Unpack, cast
 
-from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from app.constants import JobStatus
-from app.jobs.models import lowerings, metadata
+from app.jobs.models import lowerings
 
-Job = dict[str, Any]
+
+
+class JobFields(TypedDict, total=False):
+    """Columns a write may set (all optional): what ``create`` and the transitions take."""
+
+    id: str
+    status: str
+    phase: str | None
+    model_name: str
+    backend_id: str
+    device: str
+    options: dict[str, Any]
+    verify: bool
+    rtol: float
+    atol: float
+    input_sha256: str
+    input_size_bytes: int
+    artifact_sha256: str | None
+    artifact_size_bytes: int | None
+    verification: dict[str, Any] | None
+    error: dict[str, Any] | None
+    timings: dict[str, float]
+    toolchain: dict[str, Any] | None
+    worker_pid: int | None
+    attempts: int
+    resources: dict[str, Any] | None
+    cache_key: str | None
+    cache_hit: bool
+    parent_id: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class JobRecord(TypedDict):
+    """One row of the job table, as every reader gets it."""
+
+    seq: int
+    id: str
+    status: str
+    phase: str | None
+    model_name: str
+    backend_id: str
+    device: str
+    options: dict[str, Any]
+    verify: bool
+    rtol: float
+    atol: float
+    input_sha256: str
+    input_size_bytes: int
+    artifact_sha256: str | None
+    artifact_size_bytes: int | None
+    verification: dict[str, Any] | None
+    error: dict[str, Any] | None
+    timings: dict[str, float]
+    toolchain: dict[str, Any] | None
+    worker_pid: int | None
+    attempts: int
+    resources: dict[str, Any] | None
+    cache_key: str | None
+    cache_hit: bool
+    parent_id: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+Job = JobRecord
 
 
 def is_busy(exc: BaseException) -> bool:
@@ -58,14 +125,18 @@ class JobStore:
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        metadata.create_all(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
 
+    def ping(self) -> None:
+        """Raises when the database cannot answer a trivial query."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
     @retry_busy
-    def create(self, **fields: Any) -> Job:
-        row = {
+    def create(self, **fields: Unpack[JobFields]) -> JobRecord:
+        row: dict[str, Any] = {
             "id": uuid.uuid4().hex,
             "status": JobStatus.QUEUED.value,
             "timings": {},
@@ -80,7 +151,7 @@ class JobStore:
         assert job is not None
         return job
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str) -> JobRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(lowerings).where(lowerings.c.id == job_id)).first()
         return _as_job(row._mapping) if row is not None else None
@@ -92,7 +163,7 @@ class JobStore:
         model_name: str | None = None,
         limit: int = 50,
         before_seq: int | None = None,
-    ) -> list[Job]:
+    ) -> list[JobRecord]:
         """Newest first; ``before_seq`` is the paging cursor."""
         query = select(lowerings).order_by(lowerings.c.seq.desc()).limit(limit)
         if status is not None:
@@ -112,7 +183,8 @@ class JobStore:
 
     @retry_busy
     def transition(
-        self, job_id: str, *, from_: Iterable[JobStatus], to: JobStatus, **fields: Any
+        self, job_id: str, *, from_: Iterable[JobStatus], to: JobStatus,
+        **fields: Unpack[JobFields],
     ) -> bool:
         """Move a job to ``to`` only if it is in one of ``from_``; True when it moved."""
         values: dict[str, Any] = {"status": to.value, **fields}
@@ -131,7 +203,7 @@ class JobStore:
             return conn.execute(query).rowcount == 1
 
     @retry_busy
-    def update_running(self, job_id: str, **fields: Any) -> bool:
+    def update_running(self, job_id: str, **fields: Unpack[JobFields]) -> bool:
         """Record progress (phase, timings) of a job that is still running."""
         query = (
             update(lowerings)
@@ -159,7 +231,7 @@ class JobStore:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).where(where)).scalar_one())
 
-    def find_by_key(self, *, cache_key: str, statuses: Iterable[JobStatus]) -> Job | None:
+    def find_by_key(self, *, cache_key: str, statuses: Iterable[JobStatus]) -> JobRecord | None:
         """The newest job with this cache key in one of ``statuses`` that does the work."""
         query = (
             select(lowerings)
@@ -173,7 +245,7 @@ class JobStore:
             row = conn.execute(query).first()
         return _as_job(row._mapping) if row is not None else None
 
-    def children_of(self, parent_id: str) -> list[Job]:
+    def children_of(self, parent_id: str) -> list[JobRecord]:
         query = select(lowerings).where(lowerings.c.parent_id == parent_id)
         with self.engine.connect() as conn:
             return [_as_job(row._mapping) for row in conn.execute(query.order_by(lowerings.c.seq))]
@@ -188,11 +260,11 @@ class JobStore:
                          .values(parent_id=parent_id))
 
 
-def _as_job(mapping: Any) -> Job:
+def _as_job(mapping: Any) -> JobRecord:
     job = dict(mapping)
     for key in ("created_at", "started_at", "finished_at"):
         value = job.get(key)
         # SQLite hands back naive datetimes; everything we store is UTC.
         if value is not None and value.tzinfo is None:
             job[key] = value.replace(tzinfo=dt.UTC)
-    return job
+    return cast(JobRecord, job)

@@ -12,7 +12,6 @@ the child leaves in its scratch dir.
 
 from __future__ import annotations
 
-import errno
+from app.constants import SPACE_ERRNOS
 
-# errnos that mean "no room": disk full, file over RLIMIT_FSIZE, quota.
-SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+__all__ = ["SPACE_ERRNOS"]

@@ -1,4 +1,7 @@
-"""Content-addressed artifact files under the data dir, written atomically."""
+"""Content-addressed artifact files under the data dir, written atomically.
+
+``artifacts/{sha256[:2]}/{sha256}.pt2``; the only module that knows it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from app.constants import CHUNK_BYTES
+from app.storage.base import ArtifactRef
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
@@ -23,7 +27,7 @@ def sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-class ArtifactStore:
+class LocalArtifactStore:
     """Archives named by their sha256; identical bytes are stored once.
 
     :param root: directory the archives live in; writes go through a temp file in it.
@@ -36,11 +40,17 @@ class ArtifactStore:
         self._intact: dict[str, tuple[int, int, int]] = {}
         self._lock = threading.Lock()
 
-    def path_for(self, sha256: str) -> Path:
+    def _path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.pt2"
 
-    def put_stream(self, handle: BinaryIO) -> tuple[str, int]:
-        """Copy ``handle`` into the store while hashing it; returns (sha256, size_bytes).
+    def location(self, sha256: str) -> Path:
+        return self._path(sha256)
+
+    def exists(self, sha256: str) -> bool:
+        return self._path(sha256).is_file()
+
+    def put_stream(self, handle: BinaryIO) -> ArtifactRef:
+        """Copy ``handle`` into the store while hashing it.
 
         A copy, not a rename: the source belongs to the sandbox, and the stored file
         must be ours (owner, mode, no other links to it).
@@ -60,7 +70,7 @@ class ArtifactStore:
                 Path(out.name).unlink(missing_ok=True)
                 raise
         sha256 = digest.hexdigest()
-        dest = self.path_for(sha256)
+        dest = self._path(sha256)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(out.name, 0o644)
@@ -69,11 +79,11 @@ class ArtifactStore:
         except BaseException:
             Path(out.name).unlink(missing_ok=True)
             raise
-        return sha256, size
+        return ArtifactRef(sha256, size)
 
     def is_intact(self, sha256: str) -> bool:
         """True if the stored file's bytes still hash to ``sha256``; a bad file is removed."""
-        path = self.path_for(sha256)
+        path = self._path(sha256)
         try:
             stat = path.stat()
         except FileNotFoundError:
@@ -93,4 +103,4 @@ class ArtifactStore:
     def remove(self, sha256: str) -> None:
         with self._lock:
             self._intact.pop(sha256, None)
-        self.path_for(sha256).unlink(missing_ok=True)
+        self._path(sha256).unlink(missing_ok=True)

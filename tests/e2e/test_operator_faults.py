@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.storage.files import LocalUploadStore
 from tests.conftest import Server
 from tests.factories import leftover_uploads, open_partial_upload, submit, wait_for
 
@@ -43,8 +44,9 @@ def test_stalled_upload_is_dropped_and_leftovers_cleared_at_start(
     start_server: Callable[..., Server], tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "data"
-    (data_dir / "uploads").mkdir(parents=True)
-    crashed = data_dir / "uploads" / ".upload-left-by-a-crash.part"
+    staging = LocalUploadStore(data_dir / "uploads").staging_dir
+    staging.mkdir(parents=True)
+    crashed = staging / ".upload-left-by-a-crash.part"
     crashed.write_bytes(b"\0" * 4096)
     server = start_server(data_dir, workers=1, prime_workers=False, upload_stall_timeout_s=2)
     assert not crashed.exists(), "a partial upload from before the start is still there"

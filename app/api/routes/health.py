@@ -9,11 +9,12 @@ from typing import Any
 from anyio import to_thread
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from app import __version__
 from app.api.deps import ExecutorDep, SettingsDep, StoreDep
-from app.constants import PHASES
+from app.constants import TIMING_KEYS, Phase
+from app.jobs.store import JobStore
+from app.settings import Settings
 from app.options import ALLOWED_OPTIONS
 
 router = APIRouter(tags=["health"])
@@ -47,11 +48,10 @@ def _slots(state: dict[str, Any]) -> str:
     return f"not ready: {errors[0]}" if errors else "starting"
 
 
-def _checks(settings: Any, store: Any) -> dict[str, str]:
+def _checks(settings: Settings, store: JobStore) -> dict[str, str]:
     checks = {}
     try:
-        with store.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        store.ping()
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
@@ -87,7 +87,8 @@ async def info(settings: SettingsDep, executor: ExecutorDep) -> dict[str, Any]:
         "verification": {
             "default_rtol": settings.verify_rtol, "default_atol": settings.verify_atol,
         },
-        "phases": list(PHASES),
+        "phases": [phase.value for phase in Phase],
+        "timings": list(TIMING_KEYS),
         "options": {key: spec.describe() for key, spec in ALLOWED_OPTIONS.items()},
         "preload_modules": settings.preload_modules,
         "pid": os.getpid(),

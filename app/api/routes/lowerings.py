@@ -11,27 +11,44 @@ from typing import Annotated, Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    StreamingResponse,
+)
 
-from app.api.deps import ArtifactsDep, ExecutorDep, SettingsDep, StoreDep
+from app.api.deps import (
+    ArtifactsDep,
+    ExecutorDep,
+    LifecycleDep,
+    LogsDep,
+    SettingsDep,
+    StoreDep,
+    UploadsDep,
+)
 from app.api.openapi import ERROR_RESPONSES, FORM_SCHEMA
 from app.api.submit import parse_params
 from app.constants import NAME_PATTERN, JobStatus
 from app.errors import (
     ArtifactCorrupt,
-    BadRequest,
     Conflict,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
     ServiceUnavailable,
     TooManyRequests,
+    Unprocessable,
 )
-from app.jobs.cache import QueueFull, admit, cache_key
-from app.jobs.store import Job, JobStore
+from app.jobs.cache_key import cache_key
+from app.jobs.failures import out_of_space
+from app.jobs.lifecycle import QueueFull
+from app.jobs.store import JobFields, JobRecord, JobStore
 from app.schemas import LoweringPublic, LoweringsPublic
-from app.storage.artifacts import ArtifactStore
-from app.storage.reserve import out_of_space, release_reserve
+from app.settings import Settings
+from app.storage.base import ArtifactStore
+from app.storage.reserve import release_reserve
 from app.storage.uploads import receive_form
 from app.validation.isolated import run_gate
 
@@ -42,7 +59,8 @@ MAX_CURSOR = 2**63 - 1  # SQLite's largest integer; nothing larger reaches the d
 MAX_WAIT_QUERY_S = 86_400.0
 JOB_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
-def _retry_after_s(waiting: int, settings: Any) -> int:
+
+def _retry_after_s(waiting: int, settings: Settings) -> int:
     # A rough drain time: each worker clears about one typical lowering per ~20 s.
     return max(5, min(600, int(20 * waiting / max(1, settings.workers))))
 
@@ -62,19 +80,25 @@ async def _stall_guard(request: Request, timeout_s: float) -> AsyncIterator[byte
         yield chunk
 
 
-def _queue_full(waiting: int, settings: Any) -> TooManyRequests:
+def _queue_full(waiting: int, settings: Settings) -> TooManyRequests:
     return TooManyRequests(
         f"{waiting} lowerings are already queued (LOWERING_MAX_QUEUED={settings.max_queued}); "
         "retry later", retry_after_s=_retry_after_s(waiting, settings))
 
 
-def _public(job: Job) -> dict[str, Any]:
+def _public(job: JobRecord) -> dict[str, Any]:
     return LoweringPublic.from_job(job).model_dump(mode="json")
 
 
-async def _get_or_404(store: JobStore, job_id: str) -> Job:
-    # An id that no job can have never reaches the database (NUL bytes, megabytes).
-    job = await to_thread.run_sync(store.get, job_id) if JOB_ID_RE.fullmatch(job_id) else None
+def _known_shape(job_id: str) -> str:
+    """An id that no job can have never reaches the database (NUL bytes, megabytes)."""
+    if not JOB_ID_RE.fullmatch(job_id):
+        raise NotFound(f"no lowering with id {job_id[:80]!r}")
+    return job_id
+
+
+async def _get_or_404(store: JobStore, job_id: str) -> JobRecord:
+    job = await to_thread.run_sync(store.get, _known_shape(job_id))
     if job is None:
         raise NotFound(f"no lowering with id {job_id[:80]!r}")
     return job
@@ -84,14 +108,14 @@ async def _get_or_404(store: JobStore, job_id: str) -> Job:
              responses=ERROR_RESPONSES)
 async def create_lowering(
     request: Request, settings: SettingsDep, store: StoreDep, executor: ExecutorDep,
-    artifacts: ArtifactsDep,
+    lifecycle: LifecycleDep, uploads: UploadsDep, artifacts: ArtifactsDep,
     wait: Annotated[float | None, Query(
         ge=0, le=MAX_WAIT_QUERY_S, allow_inf_nan=False,
         description="seconds to hold the request (capped by LOWERING_MAX_WAIT_S)")] = None,
     cache: Annotated[Literal["use", "bypass"], Query(
         description="bypass: lower afresh even if an identical result exists")] = "use",
 ) -> Response:
-    """Upload a program and queue its lowering; with ?wait, answer with the archive."""
+    """Upload a program and queue its lowering; with ?wait, answer with the outcome."""
     if executor.unavailable:
         raise ServiceUnavailable(f"no lowering can run on this service: "
                                  f"{executor.unavailable}", code="sandbox_unavailable")
@@ -105,56 +129,59 @@ async def create_lowering(
     ):
         raise PayloadTooLarge(f"upload exceeds the limit of {settings.max_upload_bytes} bytes "
                               "(LOWERING_MAX_UPLOAD_BYTES)")
-    started = time.monotonic()
     form = await receive_form(_stall_guard(request, settings.upload_stall_timeout_s),
                               request.headers.get("content-type"),
-                              dest_dir=settings.uploads_dir,
+                              dest_dir=uploads.staging_dir,
                               max_file_bytes=settings.max_upload_bytes)
+    started = time.monotonic()  # "validate" times the checks, not the client's upload
+    job_id = uuid.uuid4().hex
     try:
         cuda = executor.toolchain.get("cuda_devices", 0) if executor.toolchain else None
         params = parse_params(form.fields, settings=settings, cuda_devices=cuda)
         if form.file_path is None:
-            raise BadRequest("form field 'program' (the .pt2 file) is required",
-                             code="missing_field")
-        job_id = uuid.uuid4().hex
+            raise Unprocessable("form field 'program' (the .pt2 file) is required",
+                                code="missing_field")
         # Only the gate's rebuilt copy of the validated members ever reaches a worker. The
         # gate runs in a fresh, resource-limited child process, a few at a time.
-        await run_gate(form.file_path, settings.uploads_dir / f"{job_id}.pt2",
-                       settings.archive_limits(), settings.gate_resources())
+        staged = uploads.staging_path()
+        try:
+            await run_gate(form.file_path, staged, settings.archive_limits(),
+                           settings.gate_resources())
+            await to_thread.run_sync(uploads.commit, job_id, staged)
+        finally:
+            staged.unlink(missing_ok=True)
     finally:
         form.discard()
-    fields = {
+    fields: JobFields = {
         "id": job_id, "input_sha256": form.sha256, "input_size_bytes": form.size_bytes,
-        "timings": {"validate": round(time.monotonic() - started, 4)}, **params.as_fields(),
+        "timings": {"validate": round(time.monotonic() - started, 4)},
+        **params.as_fields(),  # type: ignore[typeddict-item]
     }
     if settings.cache and executor.toolchain is not None:
         fields["cache_key"] = cache_key(input_sha256=form.sha256, params=params.as_fields(),
                                         toolchain=executor.toolchain)
-    # One admission at a time, so identical submissions cannot both start a compile.
     try:
-        async with request.app.state.admit_lock:
-            job, must_run = await to_thread.run_sync(lambda: admit(
-                store, fields=fields, use_cache=cache == "use",
-                artifact_exists=artifacts.is_intact, max_waiting=settings.max_queued))
+        admission = await to_thread.run_sync(lambda: lifecycle.admit(
+            fields, use_cache=cache == "use", max_waiting=settings.max_queued))
     except QueueFull as full:
-        (settings.uploads_dir / f"{job_id}.pt2").unlink(missing_ok=True)
+        uploads.remove(job_id)
         raise _queue_full(full.waiting, settings) from None
     except BaseException:
-        (settings.uploads_dir / f"{job_id}.pt2").unlink(missing_ok=True)
+        uploads.remove(job_id)
         raise
-    if must_run:
-        executor.submit(job_id)
+    job = admission.job
     if wait is not None:
         job = await _wait_final(request, store, job_id, min(wait, settings.max_wait_s))
         if job["status"] == JobStatus.SUCCEEDED.value:
             return await _artifact_response(job, artifacts, request)
-        if job["status"] in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
-            return JSONResponse(_public(job), status_code=422)
+        if JobStatus(job["status"]).is_final:  # failed or cancelled: data, not an error
+            return JSONResponse(_public(job), status_code=200)
     return JSONResponse(_public(job), status_code=202,
                         headers={"Location": f"/v1/lowerings/{job_id}"})
 
 
-async def _wait_final(request: Request, store: JobStore, job_id: str, wait_s: float) -> Job:
+async def _wait_final(request: Request, store: JobStore, job_id: str,
+                      wait_s: float) -> JobRecord:
     """The job once final, or as it is when the wait runs out, the client leaves or the
     service begins to stop (the caller then answers 202 with the job and its Location)."""
     deadline = time.monotonic() + wait_s
@@ -211,67 +238,51 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-async def _artifact_response(job: Job, artifacts: ArtifactStore, request: Request) -> Response:
-    etag = f'"{job["artifact_sha256"]}"'
+async def _artifact_response(job: JobRecord, artifacts: ArtifactStore,
+                             request: Request) -> Response:
+    sha256 = job["artifact_sha256"]
+    assert sha256 is not None
+    etag = f'"{sha256}"'
     headers = {"ETag": etag, "X-Lowering-Id": job["id"], "Cache-Control": "private, max-age=0"}
     if _matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
-    sha256 = job["artifact_sha256"]
     if not await to_thread.run_sync(artifacts.is_intact, sha256):
         raise ArtifactCorrupt(
             f"the stored artifact of lowering {job['id']} is missing or no longer matches its "
             "sha256 and will not be served; submit the program again with ?cache=bypass")
-    return FileResponse(artifacts.path_for(sha256), media_type="application/zip",
-                        headers=headers, filename=f"{job['model_name']}-{job['backend_id']}.pt2")
+    where = artifacts.location(sha256)
+    if isinstance(where, str):  # an object store: the client fetches it from there
+        return RedirectResponse(where, status_code=307, headers=headers)
+    return FileResponse(where, media_type="application/zip", headers=headers,
+                        filename=f"{job['model_name']}-{job['backend_id']}.pt2")
 
 
 @router.get("/{job_id}/log", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
-async def get_log(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
+async def get_log(job_id: str, store: StoreDep, logs: LogsDep) -> Response:
     """The worker's log of this job (empty until a worker starts it)."""
     await _get_or_404(store, job_id)
-    path = settings.logs_dir / f"{job_id}.log"
-    if not path.is_file():
+    chunks = await to_thread.run_sync(logs.chunks, job_id)
+    if chunks is None:
         return PlainTextResponse("")
-    return FileResponse(path, media_type="text/plain; charset=utf-8")
+    return StreamingResponse(chunks, media_type="text/plain; charset=utf-8")
 
 
 @router.post("/{job_id}/cancel", response_model=LoweringPublic, responses=ERROR_RESPONSES)
-async def cancel_lowering(job_id: str, store: StoreDep, executor: ExecutorDep) -> dict[str, Any]:
-    """Cancel a queued or running job; a running job's worker is killed and replaced."""
-    job = await _get_or_404(store, job_id)
-    moved = await to_thread.run_sync(lambda: store.transition(
-        job_id, from_=[JobStatus.QUEUED, JobStatus.RUNNING], to=JobStatus.CANCELLED))
-    if not moved:
-        raise Conflict(f"lowering {job_id} is {job['status']} and can no longer be cancelled",
-                       code="not_cancellable")
-    executor.cancel(job_id)
-    await to_thread.run_sync(executor.settle, job_id)
-    return _public(await _get_or_404(store, job_id))
+async def cancel_lowering(job_id: str, lifecycle: LifecycleDep) -> dict[str, Any]:
+    """Cancel a queued or running job; a running job's sandbox is stopped."""
+    return _public(await to_thread.run_sync(lifecycle.cancel, _known_shape(job_id)))
 
 
 @router.delete("/{job_id}", status_code=204, responses=ERROR_RESPONSES)
-async def delete_lowering(
-    job_id: str, store: StoreDep, settings: SettingsDep, artifacts: ArtifactsDep
-) -> Response:
+async def delete_lowering(job_id: str, settings: SettingsDep,
+                          lifecycle: LifecycleDep) -> Response:
     """Remove a finished job's record, upload, log and (if unshared) artifact."""
-    job = await _get_or_404(store, job_id)
-    if not JobStatus(job["status"]).is_final:
-        raise Conflict(f"lowering {job_id} is {job['status']}; cancel it before deleting",
-                       code="job_active")
-
-    def _remove() -> None:
-        store.delete(job_id)
-        (settings.uploads_dir / f"{job_id}.pt2").unlink(missing_ok=True)
-        (settings.logs_dir / f"{job_id}.log").unlink(missing_ok=True)
-        sha = job["artifact_sha256"]
-        if sha and store.count_artifact_refs(sha256=sha) == 0:
-            artifacts.remove(sha)
-
+    _known_shape(job_id)
     try:
-        await to_thread.run_sync(_remove)
+        await to_thread.run_sync(lifecycle.delete, job_id)
     except Exception as exc:
         # A full disk is when deleting matters most: spend the reserve and try again.
         if not (out_of_space(exc) and release_reserve(settings.data_dir)):
             raise
-        await to_thread.run_sync(_remove)
+        await to_thread.run_sync(lifecycle.delete, job_id)
     return Response(status_code=204)

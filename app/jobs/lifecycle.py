@@ -1,0 +1,307 @@
+"""The job lifecycle: the one owner of every status change.
+
+    queued ──claim──► running ──succeed──► succeeded
+      │  ▲              │  └──────fail───► failed
+      │  └──requeue─────┘          cancel ► cancelled  (from queued or running)
+      └─ a follower (coalesced job) goes straight to its leader's final status
+
+``TRANSITIONS`` is the table; every write goes through ``_move``, which refuses a move the
+table does not allow, and is a guarded UPDATE, so two actors never both move a job.
+Every terminal change settles the followers (coalesced identical jobs) and notifies the
+listeners: the seam metrics and webhooks use, and the way an executor hears that a job it
+runs was cancelled. Executors only claim a job, report its progress (which answers
+whether to go on) and its end; why a job failed is decided in ``failures.py``.
+
+Admission (cache hit, follower, or new work) and artifact deletion take the same lock, so
+a cache hit can never be admitted against an archive a concurrent delete is removing.
+The lock is per process: one API process owns admission on a host.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from app.constants import JobStatus, Phase
+from app.errors import Conflict, JobError, NotFound
+from app.jobs import failures
+from app.jobs.store import JobFields, JobRecord, JobStore, utcnow
+from app.storage.base import ArtifactRef, ArtifactStore, LogStore, UploadStore
+
+log = logging.getLogger("app.jobs")
+
+Q, R = JobStatus.QUEUED, JobStatus.RUNNING
+S, F, C = JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
+TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
+    # queued -> succeeded/failed: a follower settling with its leader, or recovery.
+    Q: frozenset({R, C, S, F}),
+    # running -> queued: put back by a graceful stop or a restart, to run again.
+    R: frozenset({S, F, C, Q}),
+    S: frozenset(), F: frozenset(), C: frozenset(),
+}
+ACTIVE = (Q, R)
+MAX_ATTEMPTS = 2
+LOG_TAIL_BYTES = 4000
+# What a finished job hands on to the jobs that waited on it.
+INHERITED = ("artifact_sha256", "artifact_size_bytes", "verification", "toolchain", "error")
+
+
+class JobListener(Protocol):
+    """Told about every job that reaches a final status (after the write)."""
+
+    def job_finished(self, job: JobRecord) -> None: ...
+
+
+class QueueFull(Exception):
+    """Admitting one more job that needs a worker would exceed the queue bound."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} lowerings are waiting")
+        self.waiting = waiting
+
+
+class ArtifactLost(Exception):
+    """The archive a job was about to succeed with was removed before the commit."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    job: JobRecord
+    must_run: bool
+    """True when the job was handed to the executor (not a cache hit, not a follower)."""
+
+
+class JobLifecycle:
+    """Admits, moves, settles and deletes jobs.
+
+    :param store: the job table.
+    :param uploads: job inputs (removed with the job).
+    :param logs: job logs (tails go into failures; removed with the job).
+    :param artifacts: archives (removed when no job references them any more).
+    :param listeners: told about every terminal change.
+    :param dispatch: hands a job id to the executor; set once the executor exists.
+    """
+
+    def __init__(self, store: JobStore, *, uploads: UploadStore, logs: LogStore,
+                 artifacts: ArtifactStore, listeners: Sequence[JobListener] = (),
+                 dispatch: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.uploads = uploads
+        self.logs = logs
+        self.artifacts = artifacts
+        self.listeners = list(listeners)
+        self.dispatch = dispatch
+        self._lock = threading.Lock()
+
+    # -- moves ------------------------------------------------------------------------
+
+    def _move(self, job_id: str, *, from_: Sequence[JobStatus], to: JobStatus,
+              **fields: Any) -> bool:
+        illegal = [s for s in from_ if to not in TRANSITIONS[s]]
+        if illegal:
+            raise ValueError(f"no transition {illegal} -> {to} in TRANSITIONS")
+        return self.store.transition(job_id, from_=from_, to=to, **fields)
+
+    def admit(self, fields: JobFields, *, use_cache: bool,
+              max_waiting: int | None = None) -> Admission:
+        """Record a submission: a cache hit (final at once), a follower of an identical
+        active job, or new work handed to the executor.
+
+        The queue bound is checked here, where the count and the insert cannot
+        interleave with another admission; hits and followers never count against it.
+        """
+        key = fields.get("cache_key")
+        with self._lock:
+            if use_cache and key:
+                hit = self.store.find_by_key(cache_key=key, statuses=[S])
+                sha = hit["artifact_sha256"] if hit else None
+                if hit is not None and sha and self.artifacts.is_intact(sha):
+                    now = utcnow()
+                    job = self.store.create(
+                        **fields, status=S.value, cache_hit=True, created_at=now,
+                        started_at=now, finished_at=now,
+                        artifact_sha256=sha, artifact_size_bytes=hit["artifact_size_bytes"],
+                        verification=hit["verification"], toolchain=hit["toolchain"])
+                    self._notify(job)
+                    return Admission(job, must_run=False)
+                leader = self.store.find_by_key(cache_key=key, statuses=ACTIVE)
+                if leader is not None:
+                    return Admission(self.store.create(**fields, parent_id=leader["id"]),
+                                     must_run=False)
+            if max_waiting is not None:
+                waiting = self.store.count_waiting()
+                if waiting >= max_waiting:
+                    raise QueueFull(waiting)
+            job = self.store.create(**fields)
+        self._dispatch(job["id"])
+        return Admission(job, must_run=True)
+
+    def claim(self, job_id: str, *, worker_pid: int | None) -> JobRecord | None:
+        """queued -> running for the worker about to run it; None if it is not queued
+        (cancelled or deleted while it waited), so the worker leaves it alone."""
+        job = self.store.get(job_id)
+        if job is None or job["parent_id"] is not None:
+            return None
+        attempts = job["attempts"] + 1
+        if not self._move(job_id, from_=[Q], to=R, phase=Phase.LOAD.value,
+                          worker_pid=worker_pid, attempts=attempts):
+            return None
+        return self.store.get(job_id)
+
+    def progress(self, job_id: str, *, phase: Phase | None = None) -> bool:
+        """Record the phase a running job reached; False means stop: it is no longer
+        running (cancelled, deleted, or failed by a sweep)."""
+        if phase is not None:
+            return self.store.update_running(job_id, phase=phase.value)
+        job = self.store.get(job_id)
+        return job is not None and job["status"] == R.value
+
+    def succeed(self, job_id: str, *, artifact: ArtifactRef, timings: dict[str, float],
+                verification: dict[str, Any] | None, toolchain: dict[str, Any] | None,
+                resources: dict[str, Any] | None) -> bool:
+        """running -> succeeded with its stored archive. Raises ArtifactLost when a
+        concurrent delete removed that archive first (the worker stores it again)."""
+        with self._lock:
+            if not self.artifacts.exists(artifact.sha256):
+                raise ArtifactLost(artifact.sha256)
+            job = self.store.get(job_id)
+            moved = job is not None and self._move(
+                job_id, from_=[R], to=S, artifact_sha256=artifact.sha256,
+                artifact_size_bytes=artifact.size_bytes,
+                timings={**(job["timings"] or {}), **timings},
+                verification=verification, toolchain=toolchain, resources=resources)
+        if moved:
+            self._finished(job_id)
+        return moved
+
+    def fail(self, job_id: str, error: JobError, *,
+             resources: dict[str, Any] | None = None) -> bool:
+        """running -> failed; the log tail goes with errors it helps explain."""
+        record = error.as_dict()
+        if error.code in failures.LOGGED_CODES:
+            record["detail"] = {**record["detail"],
+                                "log_tail": self.logs.tail(job_id, LOG_TAIL_BYTES)}
+        moved = self._move(job_id, from_=[R], to=F, error=record, resources=resources)
+        if moved:
+            self._finished(job_id)
+        return moved
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """queued|running -> cancelled. A running job's worker hears it from progress()
+        (and its executor, a listener, at once); a follower takes over the work."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFound(f"no lowering with id {job_id[:80]!r}")
+        if not self._move(job_id, from_=ACTIVE, to=C):
+            current = self.store.get(job_id)
+            status = current["status"] if current else "deleted"
+            raise Conflict(f"lowering {job_id} is {status} and can no longer be cancelled",
+                           code="not_cancellable")
+        self._finished(job_id)
+        final = self.store.get(job_id)
+        assert final is not None
+        return final
+
+    def requeue(self, job_id: str) -> bool:
+        """running -> queued: a graceful stop interrupted it; it runs again after the
+        restart, and the interruption is not counted against it."""
+        job = self.store.get(job_id)
+        if job is None:
+            return False
+        return self._move(job_id, from_=[R], to=Q, attempts=max(0, job["attempts"] - 1),
+                          started_at=None, phase=None, worker_pid=None)
+
+    def lost(self, job_id: str, message: str) -> bool:
+        """A job marked running that nothing runs any more (its supervisor died)."""
+        return self.fail(job_id, failures.interrupted(message))
+
+    def recover(self) -> None:
+        """At start, nothing runs yet: jobs left running run again once more (or fail as
+        interrupted), queued work is dispatched, and followers settle with their leader."""
+        for job_id in self.store.ids_with_status(statuses=[R]):
+            job = self.store.get(job_id)
+            if job is not None and job["attempts"] < MAX_ATTEMPTS:
+                self._move(job_id, from_=[R], to=Q, started_at=None, worker_pid=None,
+                           phase=None)
+            else:
+                self.lost(job_id, "the service stopped twice while this job ran; resubmit it")
+        for job_id in self.store.ids_with_status(statuses=[Q]):
+            job = self.store.get(job_id)
+            if job is None:
+                continue
+            if job["parent_id"] is None:
+                self._dispatch(job_id)
+            else:  # attached to another job: settles with it (now, if that one is done)
+                self._settle_followers(job["parent_id"])
+
+    # -- deletion ---------------------------------------------------------------------
+
+    def delete(self, job_id: str) -> None:
+        """Remove a final job's record, input and log, and its archive once no other job
+        references it (under the admission lock: no cache hit can take it meanwhile)."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFound(f"no lowering with id {job_id[:80]!r}")
+        if not JobStatus(job["status"]).is_final:
+            raise Conflict(f"lowering {job_id} is {job['status']}; cancel it before deleting",
+                           code="job_active")
+        with self._lock:
+            self.store.delete(job_id)
+            self.uploads.remove(job_id)
+            self.logs.remove(job_id)
+            sha = job["artifact_sha256"]
+            if sha and self.store.count_artifact_refs(sha256=sha) == 0:
+                self.artifacts.remove(sha)
+
+    # -- settlement and notification ----------------------------------------------------
+
+    def _finished(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job is None:
+            return
+        self._notify(job)
+        self._settle_followers(job_id)
+
+    def _settle_followers(self, leader_id: str) -> None:
+        """Finish the jobs attached to a finished leader. A cancelled leader hands the
+        work to its oldest follower; the others attach to that one."""
+        leader = self.store.get(leader_id)
+        if leader is None or not JobStatus(leader["status"]).is_final:
+            return
+        followers = [f for f in self.store.children_of(leader_id) if f["status"] in ACTIVE]
+        if not followers:
+            return
+        if leader["status"] == C.value:
+            heir, rest = followers[0], followers[1:]
+            self.store.reparent([heir["id"]], parent_id=None)
+            self.store.reparent([f["id"] for f in rest], parent_id=heir["id"])
+            self._dispatch(heir["id"])
+            return
+        status = JobStatus(leader["status"])
+        inherited: dict[str, Any] = {name: leader[name] for name in INHERITED}  # type: ignore[literal-required]
+        if status is F and leader["error"]:
+            error = leader["error"]
+            inherited["error"] = {**error, "detail": {**(error.get("detail") or {}),
+                                                      "coalesced_with": leader_id}}
+        for follower in followers:
+            if self._move(follower["id"], from_=ACTIVE, to=status, cache_hit=status is S,
+                          started_at=leader["started_at"], **inherited):
+                settled = self.store.get(follower["id"])
+                if settled is not None:
+                    self._notify(settled)
+
+    def _notify(self, job: JobRecord) -> None:
+        for listener in self.listeners:
+            try:
+                listener.job_finished(job)
+            except Exception:  # a listener must never undo or block a status change
+                log.exception("listener %r failed on job %s", listener, job["id"])
+
+    def _dispatch(self, job_id: str) -> None:
+        if self.dispatch is None:
+            raise RuntimeError("JobLifecycle.dispatch is not set: no executor to run jobs")
+        self.dispatch(job_id)
+
