@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.constants import JobStatus, Phase
-from app.errors import Conflict, JobError, NotFound
+from app.errors import ApiErrorCode, Conflict, JobError, NotFound
 from app.jobs import failures
 from app.jobs.store import JobFields, JobRecord, JobStore, utcnow
 from app.storage.base import ArtifactRef, ArtifactStore, LogStore, UploadStore
@@ -199,7 +199,7 @@ class JobLifecycle:
             current = self.store.get(job_id)
             status = current["status"] if current else "deleted"
             raise Conflict(f"lowering {job_id} is {status} and can no longer be cancelled",
-                           code="not_cancellable")
+                           code=ApiErrorCode.NOT_CANCELLABLE)
         self._finished(job_id)
         final = self.store.get(job_id)
         assert final is not None
@@ -247,7 +247,7 @@ class JobLifecycle:
             raise NotFound(f"no lowering with id {job_id[:80]!r}")
         if not JobStatus(job["status"]).is_final:
             raise Conflict(f"lowering {job_id} is {job['status']}; cancel it before deleting",
-                           code="job_active")
+                           code=ApiErrorCode.JOB_ACTIVE)
         with self._lock:
             self.store.delete(job_id)
             self.uploads.remove(job_id)

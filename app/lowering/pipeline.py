@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from app.constants import ErrorCode
+from app.constants import ErrorCode, Phase
 from app.errors import JobError
+from app.jobs import failures
 from app.lowering.load import load_program
 from app.lowering.lower import lower_program
 from app.lowering.package import write_archive
 from app.lowering.toolchain import probe_toolchain
 from app.lowering.verify import verify_archive
-from app.sandbox import SPACE_ERRNOS
 
 log = logging.getLogger("app.lowering")
 
@@ -32,9 +32,9 @@ class LoweringResult:
 
 
 @contextmanager
-def _phase(name: str, timings: dict[str, float], on_phase: Callable[[str], None],
-           code: str = ErrorCode.LOWERING_FAILED) -> Iterator[None]:
-    on_phase(name)
+def _phase(name: Phase, timings: dict[str, float], on_phase: Callable[[str], None],
+           code: ErrorCode = ErrorCode.LOWERING_FAILED) -> Iterator[None]:
+    on_phase(name.value)
     log.info("phase %s started", name)
     start = time.monotonic()
     try:
@@ -43,30 +43,10 @@ def _phase(name: str, timings: dict[str, float], on_phase: Callable[[str], None]
         raise
     except Exception as exc:
         log.exception("phase %s failed", name)
-        if _out_of_space(exc):
-            code = ErrorCode.STORAGE_FULL
-        elif isinstance(exc, MemoryError):
-            code = ErrorCode.RESOURCE_LIMIT
-        raise JobError(
-            code,
-            f"{type(exc).__name__}: {exc}"[:2000],
-            detail={"exception_type": type(exc).__name__, "phase": name},
-        ) from exc
+        raise failures.error_for(exc, phase=name.value, default=code) from exc
     finally:
-        timings[name] = timings.get(name, 0.0) + time.monotonic() - start
-    log.info("phase %s done in %.1f s", name, timings[name])
-
-
-def _out_of_space(exc: BaseException) -> bool:
-    """Disk full or a file over the size limit, even when torch wraps the OSError."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in SPACE_ERRNOS:
-            return True
-        if "file too large" in str(seen).lower() or "no space left" in str(seen).lower():
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+        timings[name.value] = timings.get(name.value, 0.0) + time.monotonic() - start
+    log.info("phase %s done in %.1f s", name, timings[name.value])
 
 
 def _check_device(device: str) -> None:
@@ -123,7 +103,7 @@ def run_lowering(
     result = LoweringResult(toolchain={**probe_toolchain(options), "device": device})
     timings = result.timings
 
-    on_phase("load")
+    on_phase(Phase.LOAD.value)
     log.info("loading %s", program_path)
     start = time.monotonic()
     # Loaded twice: lowering mutates its program's buffers (the delegate export
@@ -132,7 +112,7 @@ def run_lowering(
     to_lower, _ = load_program(program_path)
     timings["load"] = time.monotonic() - start
 
-    with _phase("lower", timings, on_phase):
+    with _phase(Phase.LOWER, timings, on_phase):
         _check_device(device)
         delegate, aoti_files = lower_program(
             to_lower, model_name=model_name, backend_id=backend_id, device=device, options=options
@@ -149,7 +129,7 @@ def run_lowering(
                       max_bytes=max_artifact_bytes, extra_files=extra_files)
 
     if not verify:
-        with _phase("package", timings, on_phase):
+        with _phase(Phase.PACKAGE, timings, on_phase):
             package(out_path)
         return result
 
@@ -157,9 +137,9 @@ def run_lowering(
     # provenance; only the extra file differs, the compiled files are reused.
     draft = out_path.with_name(f".{out_path.stem}.unverified.pt2")
     try:
-        with _phase("package", timings, on_phase):
+        with _phase(Phase.PACKAGE, timings, on_phase):
             package(draft)
-        with _phase("verify", timings, on_phase, code=ErrorCode.VERIFICATION_FAILED):
+        with _phase(Phase.VERIFY, timings, on_phase, code=ErrorCode.VERIFICATION_FAILED):
             result.verification = verify_archive(
                 archive_path=draft, program=original, model_name=model_name,
                 backend_id=backend_id, device=device, rtol=rtol, atol=atol,
@@ -167,7 +147,7 @@ def run_lowering(
         if not result.verification["passed"]:
             raise JobError(ErrorCode.VERIFICATION_FAILED, _failure_message(result.verification),
                            detail=result.verification)
-        with _phase("package", timings, lambda _: None):
+        with _phase(Phase.PACKAGE, timings, lambda _: None):
             package(out_path)
     finally:
         draft.unlink(missing_ok=True)

@@ -14,8 +14,8 @@ from app import __version__
 from app.api.deps import ExecutorDep, SettingsDep, StoreDep
 from app.constants import TIMING_KEYS, Phase
 from app.jobs.store import JobStore
-from app.settings import Settings
 from app.options import ALLOWED_OPTIONS
+from app.settings import Settings
 
 router = APIRouter(tags=["health"])
 

@@ -32,6 +32,7 @@ from app.api.openapi import ERROR_RESPONSES, FORM_SCHEMA
 from app.api.submit import parse_params
 from app.constants import NAME_PATTERN, JobStatus
 from app.errors import (
+    ApiErrorCode,
     ArtifactCorrupt,
     Conflict,
     NotFound,
@@ -118,7 +119,7 @@ async def create_lowering(
     """Upload a program and queue its lowering; with ?wait, answer with the outcome."""
     if executor.unavailable:
         raise ServiceUnavailable(f"no lowering can run on this service: "
-                                 f"{executor.unavailable}", code="sandbox_unavailable")
+                                 f"{executor.unavailable}", code=ApiErrorCode.SANDBOX_UNAVAILABLE)
     # Checked again at admission (the authoritative check); this one spares the upload.
     waiting = await to_thread.run_sync(store.count_waiting)
     if waiting >= settings.max_queued:
@@ -140,7 +141,7 @@ async def create_lowering(
         params = parse_params(form.fields, settings=settings, cuda_devices=cuda)
         if form.file_path is None:
             raise Unprocessable("form field 'program' (the .pt2 file) is required",
-                                code="missing_field")
+                                code=ApiErrorCode.MISSING_FIELD)
         # Only the gate's rebuilt copy of the validated members ever reaches a worker. The
         # gate runs in a fresh, resource-limited child process, a few at a time.
         staged = uploads.staging_path()
@@ -226,7 +227,7 @@ async def get_artifact(
     job = await _get_or_404(store, job_id)
     if job["status"] != JobStatus.SUCCEEDED.value:
         raise Conflict(f"lowering {job_id} is {job['status']}; the artifact exists once it "
-                       "has succeeded", code="artifact_not_ready")
+                       "has succeeded", code=ApiErrorCode.ARTIFACT_NOT_READY)
     return await _artifact_response(job, artifacts, request)
 
 
