@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+import json
+from collections.abc import Mapping
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from app.constants import ErrorCode, JobStatus
+from app.constants import DEVICE_PATTERN, NAME_PATTERN, ErrorCode, JobStatus
+from app.errors import ServiceError
+from app.options import parse_options
 
 
 class InputInfo(BaseModel):
@@ -152,3 +165,75 @@ class LoweringsPublic(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorInfo
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True,
+          "false": False, "0": False, "no": False, "off": False}
+# A blank optional field means its default (an HTML form sends every input, empty or not).
+_BLANK_IS_DEFAULT = ("options", "verify", "rtol", "atol")
+
+
+def _form_bool(value: Any) -> Any:
+    # Only these spellings: pydantic's own lax bool would also take t/f/y/n.
+    return _BOOLS.get(value.strip().lower(), value) if isinstance(value, str) else value
+
+
+def _form_device(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _form_options(value: Any) -> Any:
+    """The JSON text (or a dict, from Python) checked by app.options; its refusal keeps its
+    ApiErrorCode as the error type."""
+    try:
+        raw = value if isinstance(value, str) else json.dumps(value, allow_nan=False)
+        return parse_options(raw)
+    except ServiceError as exc:
+        raise PydanticCustomError(exc.code.value, "{message}", {"message": exc.message}) from None
+    except (TypeError, ValueError):
+        raise PydanticCustomError("invalid_parameter", "options must be a JSON object") from None
+
+
+class LoweringCreate(BaseModel):
+    """The submit form's text fields (the ``program`` file travels beside them).
+
+    The one statement of the form: api/submit.py validates with it, api/openapi.py
+    publishes its schema, and the client reads its field names and defaults.
+
+    :param model_name: names the lowered model (and the archive's file name).
+    :param backend_id: the lowering backend; ``aoti`` (AOTInductor).
+    :param device: ``cpu``, ``cuda`` or ``cuda:N``; trimmed and lower-cased.
+    :param options: a JSON object of AOTInductor settings from ``/v1/info`` options.
+    :param verify: compare the archive's runner with the original program.
+    :param rtol: relative tolerance of that comparison; None: the service's default.
+    :param atol: absolute tolerance; None: the service's default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str = Field(pattern=NAME_PATTERN, description="names the lowered model")
+    backend_id: str = Field("aoti", pattern=NAME_PATTERN, description="the lowering backend")
+    device: Annotated[str, BeforeValidator(_form_device)] = Field(
+        "cpu", pattern=DEVICE_PATTERN, description="cpu, cuda or cuda:N")
+    options: Annotated[dict[str, Any], BeforeValidator(_form_options), WithJsonSchema({
+        "type": "string", "description": "a JSON object of AOTInductor settings; the keys "
+        "and values allowed are listed by /v1/info options"})] = Field(default_factory=dict)
+    verify: Annotated[bool, BeforeValidator(_form_bool)] = Field(
+        True, strict=True, description="compare the lowered program with the original; "
+        "true/false, 1/0, yes/no or on/off")
+    rtol: float | None = Field(None, ge=0, allow_inf_nan=False, description=(
+        "relative tolerance of verification; default: /v1/info verification.default_rtol"))
+    atol: float | None = Field(None, ge=0, allow_inf_nan=False, description=(
+        "absolute tolerance of verification; default: /v1/info verification.default_atol"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        return {key: value for key, value in data.items() if not (
+            key in _BLANK_IS_DEFAULT and isinstance(value, str) and not value.strip())}
+
+    def as_fields(self) -> dict[str, Any]:
+        """The job record's fields this form sets."""
+        return self.model_dump()

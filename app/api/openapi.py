@@ -1,34 +1,91 @@
-"""OpenAPI additions: the multipart form (parsed by hand, so FastAPI cannot see it)."""
+"""OpenAPI additions, generated from the models and the error registry.
+
+FORM_SCHEMA is the submit route's multipart body (parsed by hand, so FastAPI cannot see
+it): LoweringCreate's fields plus the ``program`` file. SUBMIT_RESPONSES is what that
+route answers; ERROR_RESPONSES the error statuses of every other route.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from app.constants import NAME_PATTERN
-from app.schemas import ErrorBody
+from app.errors import (
+    ApiErrorCode,
+    BadRequest,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    ServiceUnavailable,
+    StorageFull,
+    TooManyRequests,
+    Unprocessable,
+    UnsupportedMediaType,
+)
+from app.schemas import ErrorBody, LoweringCreate, LoweringPublic
 
-FORM_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object",
-            "required": ["program", "model_name"],
-            "properties": {
-                "program": {"type": "string", "format": "binary",
-                            "description": ".pt2 file written by torch.export.save"},
-                "model_name": {"type": "string", "pattern": NAME_PATTERN},
-                "backend_id": {"type": "string", "default": "aoti"},
-                "device": {"type": "string", "default": "cpu", "description": "cpu|cuda|cuda:N"},
-                "options": {"type": "string", "description": "JSON object; see /v1/info"},
-                "verify": {"type": "boolean", "default": True},
-                "rtol": {"type": "number"},
-                "atol": {"type": "number"},
-            },
-        }}},
+PROGRAM = {"type": "string", "format": "binary",
+           "description": ".pt2 file written by torch.export.save"}
+RETRY_AFTER = {"Retry-After": {"description": "seconds after which a retry may find room",
+                               "schema": {"type": "integer"}}}
+
+
+def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
+    """A form has no null: an optional field (``X | None``, default None) is an X that
+    may be left out."""
+    branches = [branch for branch in schema.get("anyOf", ()) if branch.get("type") != "null"]
+    if len(branches) == 1:
+        schema = {key: value for key, value in schema.items() if key != "anyOf"} | branches[0]
+    if schema.get("default", 0) is None:
+        del schema["default"]
+    return schema
+
+
+def _form_schema() -> dict[str, Any]:
+    model = LoweringCreate.model_json_schema()
+    fields = {name: _form_field(field) for name, field in model["properties"].items()}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["program", *model.get("required", ())],
+        "properties": {"program": PROGRAM, **fields},
+        "additionalProperties": False,
+    }}}}}
+
+
+def _errors(statuses: Iterable[int]) -> dict[int | str, dict[str, Any]]:
+    """ErrorBody responses, each listing the codes its status carries."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in sorted(set(statuses)):
+        codes = ", ".join(code.value for code in ApiErrorCode if code.status == status)
+        responses[status] = {"model": ErrorBody, "description": f"error.code: {codes}"}
+        if status == TooManyRequests.status:
+            responses[status]["headers"] = RETRY_AFTER
+    return responses
+
+
+FORM_SCHEMA = _form_schema()
+
+# Every error status but 405, which the router answers before any route runs.
+ERROR_RESPONSES = _errors(code.status for code in ApiErrorCode
+                          if code.status != MethodNotAllowed.status)
+
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": LoweringPublic,
+        "description": "with ?wait: the job ended in time. Succeeded: the lowered pt2 archive "
+        "(application/zip; ETag is its sha256, X-Lowering-Id the job). Failed or cancelled: "
+        "the job (application/json), whose error says why",
+        "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
     },
+    202: {
+        "model": LoweringPublic,
+        "description": "queued; with ?wait, still queued or running when the wait ran out. "
+        "Location names the job",
+        "headers": {"Location": {"description": "/v1/lowerings/{id}",
+                                 "schema": {"type": "string"}}},
+    },
+    **_errors(cls.status for cls in (
+        BadRequest, RequestTimeout, PayloadTooLarge, UnsupportedMediaType, Unprocessable,
+        TooManyRequests, ServiceError, ServiceUnavailable, StorageFull)),
 }
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 408, 409, 413, 415, 422, 429, 503, 507)
-}
-
-

@@ -1,80 +1,76 @@
-"""Turn a received multipart form into job parameters, or a 4xx saying what to fix."""
+"""The submit form's text fields as a LoweringCreate, or a 422 saying what to fix."""
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
 
-from app.constants import DEVICE_PATTERN, NAME_PATTERN
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from app.constants import NAME_PATTERN
 from app.errors import ApiErrorCode, Unprocessable
-from app.options import parse_options
+from app.schemas import LoweringCreate
 from app.settings import Settings
 
-KNOWN_FIELDS = {"model_name", "backend_id", "device", "options", "verify", "rtol", "atol"}
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
+# What to fix, per field, when LoweringCreate refuses its value.
+_RULES: dict[str, tuple[ApiErrorCode, str]] = {
+    "model_name": (ApiErrorCode.INVALID_NAME, f"must match {NAME_PATTERN} (letters, digits, "
+                   "'_', '.', '-'; at most 128 characters, starting with a letter or digit)"),
+    "backend_id": (ApiErrorCode.INVALID_NAME, f"must match {NAME_PATTERN}"),
+    "device": (ApiErrorCode.INVALID_DEVICE, "must be cpu, cuda or cuda:N"),
+    "options": (ApiErrorCode.INVALID_PARAMETER, "must be a JSON object of AOTInductor settings"),
+    "verify": (ApiErrorCode.INVALID_PARAMETER,
+               "must be true or false (or 1/0, yes/no, on/off)"),
+    "rtol": (ApiErrorCode.INVALID_PARAMETER, "must be a finite number >= 0"),
+    "atol": (ApiErrorCode.INVALID_PARAMETER, "must be a finite number >= 0"),
+}
+_SHOWN = {"model_name", "backend_id", "device"}  # fields whose refused value the message repeats
+_CODES = frozenset(code.value for code in ApiErrorCode)
 
 
-@dataclass(frozen=True)
-class LoweringParams:
-    """The validated request parameters of one lowering."""
+def parse_form(
+    fields: Mapping[str, str], *, settings: Settings, cuda_devices: int | None
+) -> LoweringCreate:
+    """Validate the form fields; ``cuda_devices`` is None when the host is not probed yet.
 
-    model_name: str
-    backend_id: str
-    device: str
-    options: dict[str, Any]
-    verify: bool
-    rtol: float
-    atol: float
+    The result's rtol and atol are never None: a tolerance left out is the settings' one.
+    """
+    try:
+        create = LoweringCreate.model_validate(fields)
+    except ValidationError as exc:
+        raise _unprocessable(exc.errors(include_url=False)) from None
+    _check_available(create.device, cuda_devices)
+    return create.model_copy(update={
+        "rtol": settings.verify_rtol if create.rtol is None else create.rtol,
+        "atol": settings.verify_atol if create.atol is None else create.atol,
+    })
 
-    def as_fields(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+
+parse_params = parse_form  # the route's name for it until routes/lowerings.py moves over
 
 
-def parse_params(
-    fields: dict[str, str], *, settings: Settings, cuda_devices: int | None
-) -> LoweringParams:
-    """Validate the form fields; ``cuda_devices`` is None when the host is not probed yet."""
-    unknown = sorted(set(fields) - KNOWN_FIELDS)
+def _unprocessable(errors: list[ErrorDetails]) -> Unprocessable:
+    """One error, the first a caller should fix: unknown fields, then in field order."""
+    unknown = sorted(str(err["loc"][0])[:80] for err in errors
+                     if err["type"] == "extra_forbidden" and err["loc"])
     if unknown:
-        raise Unprocessable(
-            f"unknown form field(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_FIELDS))}",
-            code=ApiErrorCode.UNKNOWN_FIELD,
-        )
-    model_name = fields.get("model_name")
-    if model_name is None:
-        raise Unprocessable("form field 'model_name' is required", code=ApiErrorCode.MISSING_FIELD)
-    _check_name("model_name", model_name)
-    backend_id = fields.get("backend_id", "aoti")
-    _check_name("backend_id", backend_id)
-    device = fields.get("device", "cpu").strip().lower()
-    _check_device(device, cuda_devices)
-    return LoweringParams(
-        model_name=model_name,
-        backend_id=backend_id,
-        device=device,
-        options=parse_options(fields.get("options")),
-        verify=_parse_bool("verify", fields.get("verify"), default=True),
-        rtol=_parse_tolerance("rtol", fields.get("rtol"), settings.verify_rtol),
-        atol=_parse_tolerance("atol", fields.get("atol"), settings.verify_atol),
-    )
+        return Unprocessable(f"unknown form field(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(LoweringCreate.model_fields))}",
+                             code=ApiErrorCode.UNKNOWN_FIELD)
+    err = errors[0]
+    field = str(err["loc"][0]) if err["loc"] else ""
+    if err["type"] == "missing":
+        return Unprocessable(f"form field {field!r} is required", code=ApiErrorCode.MISSING_FIELD)
+    if err["type"] in _CODES:  # app.options' own refusal, already saying what to fix
+        return Unprocessable(err["msg"], code=ApiErrorCode(err["type"]))
+    if field not in _RULES:
+        return Unprocessable(f"{field or 'the form'}: {err['msg']}")
+    code, rule = _RULES[field]
+    shown = f" {str(err.get('input'))[:140]!r}" if field in _SHOWN else ""
+    return Unprocessable(f"{field}{shown} {rule}", code=code)
 
 
-def _check_name(field: str, value: str) -> None:
-    if not re.fullmatch(NAME_PATTERN, value):
-        raise Unprocessable(
-            f"{field} {value[:140]!r} must match {NAME_PATTERN} (letters, digits, '_', '.', '-'; "
-            "at most 128 characters, starting with a letter or digit)",
-            code=ApiErrorCode.INVALID_NAME,
-        )
-
-
-def _check_device(device: str, cuda_devices: int | None) -> None:
-    if not re.fullmatch(DEVICE_PATTERN, device):
-        raise Unprocessable(f"device {device[:40]!r} must be cpu, cuda or cuda:N",
-                            code=ApiErrorCode.INVALID_DEVICE)
+def _check_available(device: str, cuda_devices: int | None) -> None:
     if device == "cpu":
         return
     index = int(device.partition(":")[2] or 0)
@@ -84,26 +80,3 @@ def _check_device(device: str, cuda_devices: int | None) -> None:
             f"device {device!r} is not available on this host ({have}); use cpu",
             code=ApiErrorCode.DEVICE_UNAVAILABLE,
         )
-
-
-def _parse_bool(field: str, raw: str | None, *, default: bool) -> bool:
-    if raw is None or raw.strip() == "":
-        return default
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise Unprocessable(f"{field} must be true or false")
-
-
-def _parse_tolerance(field: str, raw: str | None, default: float) -> float:
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise Unprocessable(f"{field} must be a finite number >= 0")
-    return value

@@ -1,7 +1,7 @@
 """Client side of the lowering service: the ``LoweringClient`` SDK and the ``lowerctl`` CLI.
 
-Imports only httpx, rich and the standard library, so it installs and runs on machines
-without torch.
+Imports only httpx, rich, pydantic (for the form's model, ``app.schemas.LoweringCreate``)
+and the standard library, so it installs and runs on machines without torch.
 """
 
 from app.client.exceptions import ChecksumMismatch, LoweringAPIError, LoweringClientError

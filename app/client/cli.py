@@ -25,7 +25,7 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from app.client.exceptions import ChecksumMismatch, LoweringAPIError
-from app.client.sdk import Job, LoweringClient
+from app.client.sdk import FORM, Job, LoweringClient
 from app.constants import JobStatus
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_ERROR, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -58,15 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", parents=[waiting], help="upload a .pt2 program")
     submit.add_argument("file", type=Path, metavar="FILE")
-    submit.add_argument("--model-name", required=True)
-    submit.add_argument("--backend-id", default="aoti")
-    submit.add_argument("--device", default="cpu")
+    # One flag per field of the form (app.schemas.LoweringCreate), with its default.
+    submit.add_argument("--model-name", required=True, help=FORM["model_name"].description)
+    submit.add_argument("--backend-id", default=FORM["backend_id"].default,
+                        help="lowering backend (default %(default)s)")
+    submit.add_argument("--device", default=FORM["device"].default,
+                        help="cpu, cuda or cuda:N (default %(default)s)")
     submit.add_argument("--option", dest="options", type=_option, action="append", default=[],
                         metavar="KEY=VALUE", help="backend option; VALUE is JSON if it parses")
     submit.add_argument("--no-verify", dest="verify", action="store_false",
+                        default=FORM["verify"].default,
                         help="skip comparing the lowered program against the eager one")
-    submit.add_argument("--rtol", type=float)
-    submit.add_argument("--atol", type=float)
+    submit.add_argument("--rtol", type=float, default=FORM["rtol"].default,
+                        help="relative tolerance of verification (default: the server's)")
+    submit.add_argument("--atol", type=float, default=FORM["atol"].default,
+                        help="absolute tolerance of verification (default: the server's)")
     submit.add_argument("--wait", action="store_true", help="wait until the job ends")
     submit.add_argument("-o", "--output", type=Path, metavar="OUT",
                         help="download the artifact here once it succeeds (implies --wait)")

@@ -1,4 +1,4 @@
-"""A small synchronous client for the lowering service (httpx only; never imports torch).
+"""A small synchronous client for the lowering service (httpx; never imports torch).
 
 Errors live in ``app.client.exceptions``; transport failures surface as httpx.TransportError
 (ConnectError, ReadTimeout, ...), and ``wait`` raises the builtin TimeoutError when its
@@ -24,8 +24,11 @@ import httpx
 from app import __version__
 from app.client.exceptions import ChecksumMismatch, check
 from app.constants import FINAL_STATUSES, JobStatus
+from app.schemas import LoweringCreate
 
 Job = dict[str, Any]
+# The submit form's fields, from the service's own model: names and defaults cannot drift.
+FORM = LoweringCreate.model_fields
 _FINAL = frozenset(status.value for status in FINAL_STATUSES)
 _DOWNLOAD_CHUNK_BYTES = 1 << 20
 
@@ -86,14 +89,18 @@ class LoweringClient:
         path: str | os.PathLike[str],
         *,
         model_name: str,
-        backend_id: str = "aoti",
-        device: str = "cpu",
+        backend_id: str = FORM["backend_id"].default,
+        device: str = FORM["device"].default,
         options: dict[str, Any] | None = None,
-        verify: bool = True,
-        rtol: float | None = None,
-        atol: float | None = None,
+        verify: bool = FORM["verify"].default,
+        rtol: float | None = FORM["rtol"].default,
+        atol: float | None = FORM["atol"].default,
     ) -> Job:
-        """Upload a ``.pt2`` program and return the queued job (HTTP 202)."""
+        """Upload a ``.pt2`` program and return the queued job (HTTP 202).
+
+        The keywords are the form's fields (``app.schemas.LoweringCreate``); a tolerance
+        left as None is the server's default (``/v1/info`` verification).
+        """
         fields = {
             "model_name": model_name,
             "backend_id": backend_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import hashlib
+import inspect
 import json
 import re
 import subprocess
@@ -20,9 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
+from app.api.submit import parse_form
 from app.client import ChecksumMismatch, LoweringAPIError, LoweringClient
-from app.client.cli import main
-from app.constants import NAME_PATTERN
+from app.client.cli import build_parser, main
+from app.errors import ServiceError
+from app.schemas import LoweringCreate
+from app.settings import Settings
 
 ARTIFACT = b"PK\x03\x04 not really a zip, but the client never looks inside"
 
@@ -48,7 +52,8 @@ def _multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, tuple[
 
 
 class FakeLoweringService:
-    """The service's HTTP contract in memory; model_name "broken" makes a job fail."""
+    """The service's HTTP contract in memory; model_name "broken" makes a job fail. The
+    form goes through the service's own parser (one CUDA device), refusals and all."""
 
     def __init__(self, *, polls_to_finish: int = 2, etag: str | None = None) -> None:
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -96,15 +101,15 @@ class FakeLoweringService:
 
     def _submit(self, request: httpx.Request) -> httpx.Response:
         fields, files = _multipart(request)
-        if not re.fullmatch(NAME_PATTERN, fields.get("model_name", "")):
-            return _error(422, "invalid_parameter", f"model_name must match {NAME_PATTERN}")
+        try:
+            create = parse_form(fields, settings=Settings(), cuda_devices=1)
+        except ServiceError as exc:
+            return _error(exc.status, exc.code, exc.message)
         job_id = f"job{len(self.jobs) + 1:04d}"
         self.uploads[job_id] = (fields, files)
         self.jobs[job_id] = {
-            "id": job_id, "status": "queued", "phase": None, "polls": 0,
-            "model_name": fields["model_name"], "backend_id": fields["backend_id"],
-            "device": fields["device"], "options": json.loads(fields["options"]),
-            "verify": fields["verify"] == "true", "artifact": None, "error": None,
+            "id": job_id, "status": "queued", "phase": None, "polls": 0, **create.as_fields(),
+            "artifact": None, "error": None,
             "created_at": f"2025-01-01T00:00:{len(self.jobs):02d}Z",
         }
         location = f"/v1/lowerings/{job_id}"
@@ -173,6 +178,31 @@ def test_submit_defaults_leave_tolerances_to_the_server(
     fields, _ = service.uploads[client.submit(program, model_name="m")["id"]]
     assert fields == {"model_name": "m", "backend_id": "aoti", "device": "cpu",
                       "options": "{}", "verify": "true"}
+
+
+def test_submit_keywords_are_the_forms_fields_with_its_defaults() -> None:
+    parameters = inspect.signature(LoweringClient.submit).parameters
+    keywords = {name: p.default for name, p in parameters.items() if name not in ("self", "path")}
+    assert set(keywords) == set(LoweringCreate.model_fields)
+    for name, field in LoweringCreate.model_fields.items():
+        if name == "options":  # None stands for the model's {}
+            assert keywords[name] is None and field.get_default(call_default_factory=True) == {}
+        elif field.is_required():
+            assert keywords[name] is inspect.Parameter.empty
+        else:
+            assert keywords[name] == field.default, name
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"backend_id": "aoti2", "device": "cuda:0", "options": {"freezing": True},
+         "verify": False, "rtol": 1e-3, "atol": 0.0},
+])
+def test_submit_sends_only_what_the_model_reads_as_meant(
+    client: LoweringClient, service: FakeLoweringService, program: Path, kwargs: dict[str, Any]
+) -> None:
+    fields, _ = service.uploads[client.submit(program, model_name="m", **kwargs)["id"]]
+    sent = LoweringCreate.model_validate(fields)  # extra="forbid": no field it does not know
+    assert sent == LoweringCreate(model_name="m", **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -278,11 +308,27 @@ def lowerctl(service: FakeLoweringService, capsys: pytest.CaptureFixture[str]) -
 def test_cli_submit_parses_options(lowerctl: Run, service: FakeLoweringService,
                                    program: Path) -> None:
     code, out, _ = lowerctl("submit", str(program), "--model-name", "m", "--no-verify",
-                            "--option", "max_autotune=true", "--option", "mode=max-autotune")
+                            "--option", "max_autotune=true", "--option", "cpp.march=x86-64-v2")
     assert code == 0 and json.loads(out)["status"] == "queued"
     fields, _ = service.uploads[json.loads(out)["id"]]
-    assert json.loads(fields["options"]) == {"max_autotune": True, "mode": "max-autotune"}
+    assert json.loads(fields["options"]) == {"max_autotune": True, "cpp.march": "x86-64-v2"}
     assert fields["verify"] == "false"
+
+
+def test_cli_submit_flags_are_the_forms_fields_with_its_defaults(
+    lowerctl: Run, service: FakeLoweringService, program: Path
+) -> None:
+    args = build_parser().parse_args(["submit", str(program), "--model-name", "m"])
+    assert {name: getattr(args, name) for name in LoweringCreate.model_fields} == {
+        **LoweringCreate(model_name="m").model_dump(), "options": []}  # [] of KEY=VALUE pairs
+    code, out, _ = lowerctl("submit", str(program), "--model-name", "m", "--backend-id", "b",
+                            "--device", "cuda:0", "--option", "freezing=true", "--no-verify",
+                            "--rtol", "0.5", "--atol", "0.25")
+    assert code == 0
+    fields, _ = service.uploads[json.loads(out)["id"]]
+    assert LoweringCreate.model_validate(fields) == LoweringCreate(
+        model_name="m", backend_id="b", device="cuda:0", options={"freezing": True},
+        verify=False, rtol=0.5, atol=0.25)
 
 
 def test_cli_submit_wait_downloads(lowerctl: Run, program: Path, tmp_path: Path) -> None:
@@ -320,7 +366,10 @@ def test_cli_wait_timeout_exits_1(lowerctl: Run, service: FakeLoweringService,
     ("argv", "message"),
     [
         (["status", "nope"], "no lowering 'nope' (HTTP 404, not_found)"),
-        (["submit", "{program}", "--model-name", "bad name!"], "model_name must match"),
+        (["submit", "{program}", "--model-name", "bad name!"],
+         "model_name 'bad name!' must match"),
+        (["submit", "{program}", "--model-name", "m", "--option", "evil=1"],
+         "max_autotune (HTTP 422, unknown_option)"),
         (["submit", "missing.pt2", "--model-name", "m"], "No such file or directory"),
         (["submit", "{program}"], "--model-name"),
         (["submit", "{program}", "--model-name", "m", "--option", "novalue"], "KEY=VALUE"),
