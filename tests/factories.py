@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import pickle
 import socket
 import time
 import zipfile
@@ -43,9 +45,9 @@ def wait_for(client: httpx.Client, job_id: str, *, until: set[str] | None = None
         time.sleep(0.1)
 
 
-def zip_bytes(members: dict[str, bytes]) -> bytes:
+def zip_bytes(members: dict[str, bytes], *, compression: int = zipfile.ZIP_STORED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
         for name, payload in members.items():
             archive.writestr(name, payload)
     return buffer.getvalue()
@@ -94,3 +96,33 @@ def readyz_saying(client: httpx.Client, needle: str, *, timeout_s: float) -> htt
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.2)
+
+
+# ---- zip readers and hostile payloads, shared by the gate tests ---------------------------
+
+def members_of(archive: Path | bytes) -> dict[str, bytes]:
+    """Every member of a zip file (or of a zip's bytes), by name, in archive order."""
+    source = archive if isinstance(archive, Path) else io.BytesIO(archive)
+    with zipfile.ZipFile(source) as opened:
+        return {info.filename: opened.read(info) for info in opened.infolist()}
+
+
+def read_member(archive: Path, name: str) -> bytes:
+    """The bytes of one member of a zip file."""
+    with zipfile.ZipFile(archive) as opened:
+        return opened.read(name)
+
+
+class RunsShell:
+    """Pickles as ``os.system(command)``: unpickling it runs the command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (self.command,))
+
+
+def evil_pickle(marker: Path) -> bytes:
+    """A pickle that creates ``marker`` when loaded: a file there proves something ran it."""
+    return pickle.dumps(RunsShell(f"touch {marker}"), protocol=2)

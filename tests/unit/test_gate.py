@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import struct
 import subprocess
@@ -24,28 +23,16 @@ import pytest
 from app.errors import PayloadTooLarge, ServiceError, Unprocessable, UnsupportedMediaType
 from app.validation.gate import admit_upload
 from app.validation.limits import ArchiveLimits
-from tests.factories import zip_bytes
+from tests.factories import evil_pickle, members_of, zip_bytes
 
 torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = ArchiveLimits()
 
 
-class _RunsShell:
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.system, (self.command,))
-
-
 @pytest.fixture
 def marker(tmp_path: Path) -> Path:
     return tmp_path / "MARKER"
-
-
-def evil_pickle(marker: Path) -> bytes:
-    return pickle.dumps(_RunsShell(f"touch {marker}"), protocol=2)
 
 
 # ---- real programs -------------------------------------------------------------------------
@@ -157,13 +144,11 @@ def test_evil_pickle_is_live(marker: Path) -> None:
 
 # ---- helpers to build hostile variants of a real archive ------------------------------------
 
-def members_of(path: Path) -> dict[str, bytes]:
-    with zipfile.ZipFile(path) as archive:
-        return {info.filename: archive.read(info) for info in archive.infolist()}
-
-
 def refused(data: bytes, tmp_path: Path, error: type[ServiceError], code: str,
-            says: str = "", limits: ArchiveLimits = LIMITS) -> str:
+            says: str, limits: ArchiveLimits = LIMITS) -> str:
+    """Assert the gate refuses ``data`` with ``error``/``code``, a message containing
+    ``says`` (every caller names a part of the message it expects), and writes nothing."""
+    assert says, "name a substring of the expected message"
     src, dest = tmp_path / "upload.pt2", tmp_path / "out" / "job.pt2"
     dest.parent.mkdir(exist_ok=True)
     src.write_bytes(data)
@@ -193,15 +178,10 @@ def edit_json(path: Path, rel: str, change: Callable[[dict], None]) -> bytes:
 def nested_inputs(path: Path, change: Callable[[dict[str, bytes]], None]) -> bytes:
     def apply(members: dict[str, bytes]) -> None:
         name = f"{path.stem}/data/sample_inputs/model.pt"
-        inner = members_of_bytes(members[name])
+        inner = members_of(members[name])
         change(inner)
         members[name] = zip_bytes(inner)
     return edit(path, apply)
-
-
-def members_of_bytes(data: bytes) -> dict[str, bytes]:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return {info.filename: archive.read(info) for info in archive.infolist()}
 
 
 # ---- zip framing ---------------------------------------------------------------------------
@@ -212,7 +192,8 @@ def linear(real: dict) -> Path:
 
 
 def test_not_a_zip(tmp_path: Path) -> None:
-    refused(b"PK\x03\x04 not really" * 50, tmp_path, UnsupportedMediaType, "not_a_pt2_archive")
+    refused(b"PK\x03\x04 not really" * 50, tmp_path, UnsupportedMediaType, "not_a_pt2_archive",
+            "end record")
 
 
 def central_entries(data: bytes | bytearray) -> list[int]:
@@ -243,12 +224,13 @@ def test_overlapping_members(linear: Path, tmp_path: Path) -> None:
     central = central_entries(data)
     first = struct.unpack_from("<I", data, central[0] + 42)[0]
     struct.pack_into("<I", data, central[1] + 42, first)  # second entry points at the first
-    refused(bytes(data), tmp_path, UnsupportedMediaType, "not_a_pt2_archive")
+    refused(bytes(data), tmp_path, UnsupportedMediaType, "not_a_pt2_archive",
+            "overlaps another member")
 
 
 def test_data_before_first_member(linear: Path, tmp_path: Path) -> None:
     refused(b"#!/bin/sh\ntouch x\n" + linear.read_bytes(), tmp_path, UnsupportedMediaType,
-            "not_a_pt2_archive")
+            "not_a_pt2_archive", "torch.export.save")
 
 
 def test_crc_mismatch(linear: Path, tmp_path: Path) -> None:
@@ -270,7 +252,7 @@ def test_unsafe_member_names(linear: Path, tmp_path: Path, name: str) -> None:
 def test_nul_in_member_name(linear: Path, tmp_path: Path) -> None:
     data = edit(linear, lambda m: m.update({"linear/extraXXsh": b"x"}))
     refused(data.replace(b"extraXXsh", b"extra\0\0sh"), tmp_path, Unprocessable,
-            "unsafe_member_name")
+            "unsafe_member_name", "linear/extra\0\0sh")
 
 
 def test_zip_bomb_ratio(linear: Path, tmp_path: Path) -> None:

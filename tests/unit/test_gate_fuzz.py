@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from hypothesis import strategies as st
 from app.errors import ServiceError
 from app.validation.gate import admit_upload
 from app.validation.limits import ArchiveLimits
-from tests.factories import zip_bytes
+from tests.factories import members_of, zip_bytes
 
 FUZZ = settings(max_examples=60, deadline=3000, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -38,8 +36,15 @@ NASTY = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def bases(programs: Path) -> list[bytes]:
-    return [(programs / f"{name}.pt2").read_bytes() for name in ("linear", "dynamic", "dict_io")]
+def bases(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    """Three real archives, exported here: the session `programs` fixture exports every
+    model in a child process, seconds this tier need not spend."""
+    pytest.importorskip("torch")
+    from tests import models
+
+    out = tmp_path_factory.mktemp("fuzz_bases")
+    return [models.save_model(name, out / f"{name}.pt2").read_bytes()
+            for name in ("linear", "dynamic", "dict_io")]
 
 
 def _admit(data: bytes, tmp_path: Path) -> None:
@@ -53,11 +58,6 @@ def _admit(data: bytes, tmp_path: Path) -> None:
         assert not dest.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("in.pt2", "out.pt2")]
     assert leftovers == []
-
-
-def _members(data: bytes) -> dict[str, bytes]:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return {info.filename: archive.read(info) for info in archive.infolist()}
 
 
 @FUZZ
@@ -75,7 +75,7 @@ def test_byte_mutations(bases: list[bytes], tmp_path: Path, data: st.DataObject)
 @FUZZ
 @given(data=st.data())
 def test_member_mutations(bases: list[bytes], tmp_path: Path, data: st.DataObject) -> None:
-    members = _members(data.draw(st.sampled_from(bases)))
+    members = members_of(data.draw(st.sampled_from(bases)))
     name = data.draw(st.sampled_from(sorted(members)))
     action = data.draw(st.sampled_from(["drop", "replace", "rename", "flip", "add"]))
     if action == "drop":
@@ -117,7 +117,7 @@ def _set_somewhere(doc: Any, data: st.DataObject, value: Any) -> None:
 @FUZZ
 @given(data=st.data())
 def test_json_mutations(bases: list[bytes], tmp_path: Path, data: st.DataObject) -> None:
-    members = _members(data.draw(st.sampled_from(bases)))
+    members = members_of(data.draw(st.sampled_from(bases)))
     name = data.draw(st.sampled_from(sorted(n for n in members if n.endswith(".json"))))
     doc = json.loads(members[name])
     for _ in range(data.draw(st.integers(1, 3))):
@@ -129,9 +129,9 @@ def test_json_mutations(bases: list[bytes], tmp_path: Path, data: st.DataObject)
 @FUZZ
 @given(data=st.data())
 def test_pickle_mutations(bases: list[bytes], tmp_path: Path, data: st.DataObject) -> None:
-    members = _members(data.draw(st.sampled_from(bases)))
+    members = members_of(data.draw(st.sampled_from(bases)))
     outer = next(n for n in members if "/data/sample_inputs/" in n)
-    inner = _members(members[outer])
+    inner = members_of(members[outer])
     pkl = next(n for n in inner if n.endswith("data.pkl"))
     payload = bytearray(inner[pkl])
     for _ in range(data.draw(st.integers(1, 4))):

@@ -33,7 +33,8 @@ from app.validation import exprs
 from app.validation.gate import admit_upload
 from app.validation.graph import allowed_ops
 from app.validation.limits import ArchiveLimits
-from tests.unit.test_gate import edit, edit_json, members_of, refused
+from tests.factories import members_of
+from tests.unit.test_gate import edit, edit_json, refused
 
 torch = pytest.importorskip("torch")
 from tests import models  # noqa: E402  (needs torch)
@@ -520,16 +521,16 @@ def test_extra_files_are_carried(gate_programs: dict[str, Path], tmp_path: Path)
     assert extra == models.GATE_EXTRA_FILES["extra_files"]
 
 
-@pytest.mark.parametrize("name", ["extra/../../x", "extra/a\\b", "extra/run\n.sh", "extra/.hidden",
-                                  "extra/a b'", "extra/" + "d/" * 20 + "x"])
+@pytest.mark.parametrize(("name", "code"), [
+    ("extra/../../x", "unsafe_member_name"), ("extra/a\\b", "unsafe_member_name"),
+    ("extra/run\n.sh", "unsafe_member_name"), ("extra/.hidden", "unsupported_layout"),
+    ("extra/a b'", "unsupported_layout"), ("extra/" + "d/" * 20 + "x", "unsupported_layout"),
+])
 def test_unsafe_extra_file_names_are_refused(gate_programs: dict[str, Path], tmp_path: Path,
-                                             name: str) -> None:
+                                             name: str, code: str) -> None:
     path = gate_programs["extra_files"]
     data = edit(path, lambda m: m.update({f"{path.stem}/{name}": b"x"}))
-    with pytest.raises(Unprocessable):
-        src = tmp_path / "upload.pt2"
-        src.write_bytes(data)
-        admit_upload(src, tmp_path / "out.pt2", LIMITS)
+    refused(data, tmp_path, Unprocessable, code, f"{path.stem}/{name}")
 
 
 def test_extra_file_caps(gate_programs: dict[str, Path], tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ resource-limited child process per check, so a bomb cannot take the API down."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import resource
 import subprocess
@@ -21,7 +20,8 @@ from app.validation import isolated
 from app.validation.gate import admit_upload
 from app.validation.isolated import GateResources, run_gate
 from app.validation.limits import ArchiveLimits
-from tests.unit.test_gate import edit, members_of, refused
+from tests.factories import members_of, zip_bytes
+from tests.unit.test_gate import edit, refused
 
 torch = pytest.importorskip("torch")
 from tests import models  # noqa: E402  (needs torch)
@@ -41,11 +41,7 @@ def linear(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def deflated(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, payload in members.items():
-            archive.writestr(name, payload)
-    return buffer.getvalue()
+    return zip_bytes(members, compression=zipfile.ZIP_DEFLATED)
 
 
 def json_bomb(path: Path, mib: int) -> bytes:
@@ -131,15 +127,10 @@ def _slow_pickle(linear: Path) -> bytes:
     """Example inputs whose pickle is millions of cheap opcodes: seconds of CPU to walk."""
     def apply(members: dict[str, bytes]) -> None:
         name = "linear/data/sample_inputs/model.pt"
-        inner = members_of_bytes(members[name])
+        inner = members_of(members[name])
         inner["archive/data.pkl"] = b"\x80\x02" + b"N0" * 3_000_000 + b"N."
         members[name] = deflated(inner)
     return edit(linear, apply)
-
-
-def members_of_bytes(data: bytes) -> dict[str, bytes]:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return {info.filename: archive.read(info) for info in archive.infolist()}
 
 
 @pytest.mark.parametrize("limit", ["cpu", "wall"])
