@@ -70,6 +70,8 @@ class ApiErrorCode(enum.StrEnum):
     CONFLICT = "conflict", "the job's status does not allow this"
     ARTIFACT_NOT_READY = "artifact_not_ready", (
         "the artifact is asked for before the job has succeeded")
+    JOB_CANCELLED = "job_cancelled", (
+        "?wait= saw the job cancelled; error.lowering is the job")
     NOT_CANCELLABLE = "not_cancellable", "cancel is asked of a job that has already ended"
     JOB_ACTIVE = "job_active", "delete is asked of a queued or running job; cancel it first"
     # 413
@@ -88,6 +90,8 @@ class ApiErrorCode(enum.StrEnum):
     INVALID_PARAMETER = "invalid_parameter", (
         "a field or query parameter has a bad value: verify, rtol, atol, options as a whole "
         "(not a JSON object within its limits), ?wait, ?limit, ?cursor, ...")
+    JOB_FAILED = "job_failed", (
+        "?wait= saw the job fail; error.lowering is the job, its error says why")
     MISSING_FIELD = "missing_field", (
         "a required form field is absent: model_name, or the program file")
     UNKNOWN_FIELD = "unknown_field", "the form has a field the service does not know"
@@ -203,7 +207,8 @@ class Conflict(ServiceError):
     status = 409
     code = ApiErrorCode.CONFLICT
     codes = frozenset({ApiErrorCode.CONFLICT, ApiErrorCode.ARTIFACT_NOT_READY,
-                       ApiErrorCode.NOT_CANCELLABLE, ApiErrorCode.JOB_ACTIVE})
+                       ApiErrorCode.NOT_CANCELLABLE, ApiErrorCode.JOB_ACTIVE,
+                       ApiErrorCode.JOB_CANCELLED})
 
 
 class PayloadTooLarge(ServiceError):
@@ -228,7 +233,7 @@ class Unprocessable(ServiceError):
         ApiErrorCode.UNKNOWN_OPTION, ApiErrorCode.INVALID_OPTION,
         ApiErrorCode.UNSAFE_MEMBER_NAME, ApiErrorCode.UNSUPPORTED_LAYOUT,
         ApiErrorCode.MISSING_EXAMPLE_INPUTS, ApiErrorCode.UNSAFE_PICKLE, ApiErrorCode.UNSAFE_GRAPH,
-        ApiErrorCode.UPLOAD_TOO_COMPLEX,
+        ApiErrorCode.UPLOAD_TOO_COMPLEX, ApiErrorCode.JOB_FAILED,
     })
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,6 +14,7 @@ from app import __version__
 from app.api.deps import Services
 from app.api.handlers import register_exception_handlers
 from app.api.routes import health, lowerings
+from app.executors.base import Executor
 from app.executors.local import LocalExecutor
 from app.jobs import migrate
 from app.jobs.lifecycle import JobLifecycle
@@ -27,9 +28,15 @@ from app.worker import JobContext
 log = logging.getLogger("app")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; stores, the lifecycle and the executor open in the lifespan."""
+def create_app(settings: Settings | None = None, *,
+               make_executor: Callable[[JobContext], Executor] | None = None) -> FastAPI:
+    """Build the app; stores, the lifecycle and the executor open in the lifespan.
+
+    :param make_executor: builds the executor from the job context; default the local
+        one (sandboxed children on this host). In-process route tests pass a fake.
+    """
     settings = settings or Settings()
+    make_executor = make_executor or LocalExecutor
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logs = LocalLogStore(settings.logs_dir)
         artifacts = LocalArtifactStore(settings.artifacts_dir)
         lifecycle = JobLifecycle(store, uploads=uploads, logs=logs, artifacts=artifacts)
-        executor = LocalExecutor(JobContext(settings, lifecycle, uploads, logs, artifacts))
+        executor = make_executor(JobContext(settings, lifecycle, uploads, logs, artifacts))
         lifecycle.dispatch = executor.submit
         lifecycle.listeners.append(executor)
         executor.start()

@@ -18,7 +18,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from app.constants import DEVICE_PATTERN, NAME_PATTERN, ErrorCode, JobStatus
+from app.constants import DEVICE_PATTERN, NAME_PATTERN, ErrorCode, JobStatus, Phase
 from app.errors import ServiceError
 from app.options import parse_options
 
@@ -100,7 +100,7 @@ class LoweringPublic(BaseModel):
 
     id: str
     status: JobStatus
-    phase: str | None = Field(None, description="validate|load|lower|package|verify while running")
+    phase: Phase | None = Field(None, description="the step a running job is in")
     model_name: str
     backend_id: str
     device: str
@@ -126,7 +126,7 @@ class LoweringPublic(BaseModel):
         None, description="worker cpu_s, children_cpu_s (g++), peak_rss_bytes")
 
     @classmethod
-    def from_job(cls, job: dict[str, Any]) -> LoweringPublic:
+    def from_job(cls, job: Mapping[str, Any]) -> LoweringPublic:
         artifact = None
         if job["status"] == JobStatus.SUCCEEDED.value and job["artifact_sha256"]:
             artifact = ArtifactInfo(
@@ -163,8 +163,16 @@ class LoweringsPublic(BaseModel):
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page")
 
 
+class ApiError(BaseModel):
+    code: str = Field(description="one of the codes listed for this status")
+    message: str = Field(description="what went wrong and what to do about it")
+    lowering: LoweringPublic | None = Field(
+        None, description="the job, when a ?wait= submit saw it fail (job_failed) or be "
+        "cancelled (job_cancelled)")
+
+
 class ErrorBody(BaseModel):
-    error: ErrorInfo
+    error: ApiError
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True,

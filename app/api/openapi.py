@@ -13,6 +13,7 @@ from typing import Any
 from app.errors import (
     ApiErrorCode,
     BadRequest,
+    Conflict,
     MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
@@ -72,10 +73,9 @@ ERROR_RESPONSES = _errors(code.status for code in ApiErrorCode
 
 SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "model": LoweringPublic,
-        "description": "with ?wait: the job ended in time. Succeeded: the lowered pt2 archive "
-        "(application/zip; ETag is its sha256, X-Lowering-Id the job). Failed or cancelled: "
-        "the job (application/json), whose error says why",
+        "description": "with ?wait: the job succeeded in time; the lowered pt2 archive "
+        "(ETag is its sha256, X-Lowering-Id the job). A job that failed or was cancelled "
+        "is 422 job_failed / 409 job_cancelled with the job as error.lowering",
         "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
     },
     202: {
@@ -86,6 +86,6 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
                                  "schema": {"type": "string"}}},
     },
     **_errors(cls.status for cls in (
-        BadRequest, RequestTimeout, PayloadTooLarge, UnsupportedMediaType, Unprocessable,
-        TooManyRequests, ServiceError, ServiceUnavailable, StorageFull)),
+        BadRequest, RequestTimeout, Conflict, PayloadTooLarge, UnsupportedMediaType,
+        Unprocessable, TooManyRequests, ServiceError, ServiceUnavailable, StorageFull)),
 }

@@ -46,7 +46,6 @@ def parse_form(
     })
 
 
-parse_params = parse_form  # the route's name for it until routes/lowerings.py moves over
 
 
 def _unprocessable(errors: list[ErrorDetails]) -> Unprocessable:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from app.jobs.store import JobRecord
+
 
 class Executor(Protocol):
     """Runs each job in a fresh sandbox somewhere.
@@ -36,6 +38,9 @@ class Executor(Protocol):
 
     def cancel(self, job_id: str) -> bool:
         """Stop a running job's process now; True if it was running here."""
+
+    def job_finished(self, job: JobRecord) -> None:
+        """Lifecycle listener: stop a job cancelled elsewhere if it runs here."""
 
     def info(self) -> dict[str, Any]:
         """Workers, queue depth and the toolchain the workers reported."""

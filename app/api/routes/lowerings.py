@@ -28,8 +28,8 @@ from app.api.deps import (
     StoreDep,
     UploadsDep,
 )
-from app.api.openapi import ERROR_RESPONSES, FORM_SCHEMA
-from app.api.submit import parse_params
+from app.api.openapi import ERROR_RESPONSES, FORM_SCHEMA, SUBMIT_RESPONSES
+from app.api.submit import parse_form
 from app.constants import NAME_PATTERN, JobStatus
 from app.errors import (
     ApiErrorCode,
@@ -106,7 +106,7 @@ async def _get_or_404(store: JobStore, job_id: str) -> JobRecord:
 
 
 @router.post("", status_code=202, response_model=LoweringPublic, openapi_extra=FORM_SCHEMA,
-             responses=ERROR_RESPONSES)
+             responses=SUBMIT_RESPONSES)
 async def create_lowering(
     request: Request, settings: SettingsDep, store: StoreDep, executor: ExecutorDep,
     lifecycle: LifecycleDep, uploads: UploadsDep, artifacts: ArtifactsDep,
@@ -138,7 +138,7 @@ async def create_lowering(
     job_id = uuid.uuid4().hex
     try:
         cuda = executor.toolchain.get("cuda_devices", 0) if executor.toolchain else None
-        params = parse_params(form.fields, settings=settings, cuda_devices=cuda)
+        params = parse_form(form.fields, settings=settings, cuda_devices=cuda)
         if form.file_path is None:
             raise Unprocessable("form field 'program' (the .pt2 file) is required",
                                 code=ApiErrorCode.MISSING_FIELD)
@@ -175,10 +175,22 @@ async def create_lowering(
         job = await _wait_final(request, store, job_id, min(wait, settings.max_wait_s))
         if job["status"] == JobStatus.SUCCEEDED.value:
             return await _artifact_response(job, artifacts, request)
-        if JobStatus(job["status"]).is_final:  # failed or cancelled: data, not an error
-            return JSONResponse(_public(job), status_code=200)
+        if JobStatus(job["status"]).is_final:
+            return _ended(job)
     return JSONResponse(_public(job), status_code=202,
                         headers={"Location": f"/v1/lowerings/{job_id}"})
+
+
+def _ended(job: JobRecord) -> JSONResponse:
+    """A ?wait= that saw the job fail or be cancelled: an error (so `curl -f` and
+    `raise_for_status` stop), whose body carries the job."""
+    if job["status"] == JobStatus.CANCELLED.value:
+        code, message = ApiErrorCode.JOB_CANCELLED, f"lowering {job['id']} was cancelled"
+    else:
+        reason = (job["error"] or {}).get("message") or "no reason recorded"
+        code, message = ApiErrorCode.JOB_FAILED, f"lowering {job['id']} failed: {reason}"
+    body = {"error": {"code": code.value, "message": message, "lowering": _public(job)}}
+    return JSONResponse(body, status_code=code.status)
 
 
 async def _wait_final(request: Request, store: JobStore, job_id: str,
@@ -218,8 +230,9 @@ async def get_lowering(job_id: str, store: StoreDep) -> dict[str, Any]:
     return _public(await _get_or_404(store, job_id))
 
 
-@router.api_route("/{job_id}/artifact", methods=["GET", "HEAD"], response_class=FileResponse,
-                  responses=ERROR_RESPONSES)
+@router.head("/{job_id}/artifact", response_class=FileResponse, responses=ERROR_RESPONSES,
+             operation_id="head_artifact", summary="The archive's headers only")
+@router.get("/{job_id}/artifact", response_class=FileResponse, responses=ERROR_RESPONSES)
 async def get_artifact(
     job_id: str, request: Request, store: StoreDep, artifacts: ArtifactsDep
 ) -> Response:
