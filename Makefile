@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-fast lint typecheck bench clean sandbox-check
+.PHONY: serve test test-fast lint typecheck bench clean sandbox-check migrations-check
 
 # Every job runs in bubblewrap; without it the service starts but refuses jobs (503).
 sandbox-check:
@@ -32,7 +32,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy app
 
-test: lint typecheck sandbox-check
+# The migrations, applied to an empty SQLite database, give exactly app/jobs/models.py.
+migrations-check: $(STAMP)
+	$(BIN)/python -c "from app.jobs.migrate import check_models; check_models(); \
+	  print('migrations-check: models and migrations agree')"
+
+test: lint typecheck sandbox-check migrations-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The fast tier (tests/unit, tests/api): no server, no AOTInductor compile; under 2 minutes.

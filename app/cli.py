@@ -4,6 +4,10 @@
 phase runs: same uid, namespaces, mounts, limits, seccomp filter and environment, with
 ``python`` on PATH being the worker's interpreter and a fresh scratch dir as cwd (and
 TMPDIR under it). Output passes through; the exit status is CMD's.
+
+``lowering-service migrate`` brings the job database (LOWERING_DATABASE_URL, or jobs.db
+in LOWERING_DATA_DIR) to the schema this release needs; ``migrate --check`` only reports,
+exiting 1 when the database is behind or the models and migrations disagree.
 """
 
 from __future__ import annotations
@@ -46,6 +50,30 @@ def _sandbox_run(cmd: list[str]) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _migrate(*, check_only: bool) -> int:
+    from app.jobs import migrate
+    from app.settings import Settings
+
+    settings = Settings()
+    url = settings.db_url
+    try:
+        if check_only:
+            if not migrate.is_at_head(url):
+                migrate.prepare(url, auto_upgrade=False)  # raises, saying what to run
+            migrate.check(url)
+            print(f"job database at {migrate.head()} (head); models and migrations agree")
+            return 0
+        if settings.database_url is None:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        before = migrate.current(url)
+        migrate.upgrade(url)
+    except migrate.MigrationError as exc:
+        print(f"lowering-service: {exc}", file=sys.stderr)
+        return 1
+    print(f"job database: {before or 'unversioned'} -> {migrate.current(url)} (head)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lowering-service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,9 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="serve HTTP on LOWERING_HOST:LOWERING_PORT (default)")
     audit = commands.add_parser("sandbox-run", help="run CMD as a job's untrusted phase runs")
     audit.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    migrate = commands.add_parser("migrate", help="bring the job database to this release")
+    migrate.add_argument("--check", action="store_true",
+                         help="change nothing; exit 1 unless at head and matching the models")
     args = parser.parse_args(argv)
     if args.command == "sandbox-run":
         return _sandbox_run(args.cmd)
+    if args.command == "migrate":
+        return _migrate(check_only=args.check)
     from app.main import run
 
     run()
