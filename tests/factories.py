@@ -9,9 +9,15 @@ import socket
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+from app.storage.artifacts import LocalArtifactStore
+from app.storage.files import LocalUploadStore
+
+if TYPE_CHECKING:
+    from app.jobs.store import JobStore
 
 FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -66,7 +72,8 @@ def rewrite_zip(source: Path, *, drop: str = "", add: dict[str, bytes] | None = 
 
 def leftover_uploads(data_dir: Path) -> list[str]:
     """Partial or rejected upload files still on disk (must be none)."""
-    return sorted(p.name for p in (data_dir / "uploads").glob(".upload-*"))
+    staging = LocalUploadStore(data_dir / "uploads").staging_dir
+    return sorted(p.name for p in staging.glob("*")) if staging.is_dir() else []
 
 
 def open_partial_upload(url: str, *, declared_bytes: int, sent_bytes: int) -> socket.socket:
@@ -98,6 +105,15 @@ def readyz_saying(client: httpx.Client, needle: str, *, timeout_s: float) -> htt
         time.sleep(0.2)
 
 
+def migrated_store(url: str) -> JobStore:
+    """A JobStore on ``url`` after the migrations have made its tables (as the service does)."""
+    from app.jobs import migrate
+    from app.jobs.store import JobStore
+
+    migrate.upgrade(url)
+    return JobStore(url)
+
+
 # ---- zip readers and hostile payloads, shared by the gate tests ---------------------------
 
 def members_of(archive: Path | bytes) -> dict[str, bytes]:
@@ -126,3 +142,24 @@ class RunsShell:
 def evil_pickle(marker: Path) -> bytes:
     """A pickle that creates ``marker`` when loaded: a file there proves something ran it."""
     return pickle.dumps(RunsShell(f"touch {marker}"), protocol=2)
+
+
+def failed_job(response: httpx.Response) -> dict[str, Any]:
+    """The job a ``?wait=`` submit answered as failed (422 job_failed, the job inside)."""
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "job_failed", error
+    job: dict[str, Any] = error["lowering"]
+    assert job["status"] == "failed" and job["id"] in error["message"]
+    return job
+
+
+def artifact_store(data_dir: Path) -> LocalArtifactStore:
+    """The server's artifact store, read as the server reads it (never by path)."""
+    return LocalArtifactStore(data_dir / "artifacts")
+
+
+def stored_artifacts(data_dir: Path) -> list[str]:
+    """The sha256 of every archive the local store holds: the one place tests list it."""
+    root = data_dir / "artifacts"
+    return sorted(p.stem for p in root.rglob("*.pt2")) if root.is_dir() else []

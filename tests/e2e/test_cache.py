@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import Server
-from tests.factories import submit, wait_for
+from tests.factories import failed_job, stored_artifacts, submit, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_identical_request_is_a_cache_hit(
     client: httpx.Client, server: Server, linear: dict[str, Any], programs: Path
 ) -> None:
-    stored = sorted((server.data_dir / "artifacts").rglob("*.pt2"))
+    stored = stored_artifacts(server.data_dir)
     again = submit(client, programs / "linear.pt2", wait=60, model_name="linear")
     assert again.status_code == 200, again.text
     assert again.content == linear["archive"]
@@ -28,7 +28,7 @@ def test_identical_request_is_a_cache_hit(
     assert job["cache_hit"] is True and job["attempts"] == 0 and job["worker_pid"] is None
     assert job["artifact"]["sha256"] == linear["job"]["artifact"]["sha256"]
     assert job["verification"] == linear["job"]["verification"]
-    assert sorted((server.data_dir / "artifacts").rglob("*.pt2")) == stored  # no copy
+    assert stored_artifacts(server.data_dir) == stored  # no copy
     assert client.get(f"/v1/lowerings/{job['id']}/log").text == ""  # no worker touched it
 
 
@@ -85,8 +85,7 @@ def test_failed_job_is_not_cached(client: httpx.Client, programs: Path) -> None:
     for _ in range(2):
         response = submit(client, programs / "custom_output.pt2", wait=300,
                           model_name="never_cached")
-        assert response.status_code == 422, response.text
-        ids.append(response.json()["id"])
+        ids.append(failed_job(response)["id"])
     jobs = [client.get(f"/v1/lowerings/{job_id}").json() for job_id in ids]
     assert [job["attempts"] for job in jobs] == [1, 1]
     assert not any(job["cache_hit"] for job in jobs)
@@ -111,12 +110,11 @@ def test_readiness_queue_bound_storage_full_and_cpu_limit(
         assert http.get("/v1/info").json()["executor"]["primed_s"] > 0
 
         # The archive cannot be written under the 100 kB cap: storage_full, nothing kept.
-        full = submit(http, programs / "linear.pt2", wait=600, model_name="too_big")
-        assert full.status_code == 422, full.text
-        assert full.json()["error"]["code"] == "storage_full", full.json()["error"]
-        assert list((constrained.data_dir / "artifacts").rglob("*.pt2")) == []
-        assert not list((constrained.data_dir / "scratch").glob(full.json()["id"]))
-        assert http.get(f"/v1/lowerings/{full.json()['id']}/artifact").status_code == 409
+        full = failed_job(submit(http, programs / "linear.pt2", wait=600, model_name="too_big"))
+        assert full["error"]["code"] == "storage_full", full["error"]
+        assert stored_artifacts(constrained.data_dir) == []
+        assert not list((constrained.data_dir / "scratch").glob(full["id"]))
+        assert http.get(f"/v1/lowerings/{full['id']}/artifact").status_code == 409
 
         running = submit(http, programs / "slow.pt2", model_name="q1").json()["id"]
         wait_for(http, running, until={"running"})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Server
-from tests.factories import readyz_saying, submit
+from tests.factories import readyz_saying, stored_artifacts, submit
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_full_disk_is_507_not_500_and_delete_frees_space(
         deleted = http.delete(f"/v1/lowerings/{job_id}")
         assert deleted.status_code == 204, deleted.text
         assert http.get(f"/v1/lowerings/{job_id}").status_code == 404
-        assert not list((small_disk / "data" / "artifacts").rglob("*.pt2"))
+        assert stored_artifacts(small_disk / "data") == []
 
         filler.unlink()
         server.wait_ready(timeout_s=30)

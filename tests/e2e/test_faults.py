@@ -19,7 +19,14 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT, Server
-from tests.factories import leftover_uploads, open_partial_upload, submit, wait_for
+from tests.factories import (
+    artifact_store,
+    failed_job,
+    leftover_uploads,
+    open_partial_upload,
+    submit,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 COMPILERS = ("cc1plus", "g++", "x86_64-linux-gnu-g++-12", "c++")
@@ -156,8 +163,7 @@ def test_api_crash_takes_every_sandbox_with_it(
 
 def test_unknown_pytree_type_names_the_module(client: httpx.Client, programs: Path) -> None:
     response = submit(client, programs / "custom_output.pt2", wait=300, model_name="custom")
-    assert response.status_code == 422, response.text
-    error = response.json()["error"]
+    error = failed_job(response)["error"]
     assert error["code"] == "unknown_pytree_type"
     assert "tests.pytree_types" in error["message"]
     assert "LOWERING_PRELOAD_MODULES" in error["message"]
@@ -204,10 +210,7 @@ def test_failure_inside_torch_is_a_failed_job(
     client: httpx.Client, server: Server, programs: Path
 ) -> None:
     response = submit(client, programs / "masked_mean.pt2", wait=600, model_name="masked")
-    assert response.status_code == 422, response.text
-    job = response.json()
-    assert job["status"] == "failed"
-    error = job["error"]
+    error = failed_job(response)["error"]
     assert error["code"] == "lowering_failed", error
     assert error["detail"]["exception_type"] in error["message"]
     assert error["detail"]["exception_type"] in error["detail"]["log_tail"]
@@ -277,7 +280,7 @@ def test_corrupt_artifact_is_never_served(
     assert done.status_code == 200, done.text
     job = client.get(f"/v1/lowerings/{done.headers['x-lowering-id']}").json()
     sha = job["artifact"]["sha256"]
-    path = server.data_dir / "artifacts" / sha[:2] / f"{sha}.pt2"
+    path = artifact_store(server.data_dir).location(sha)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
