@@ -25,13 +25,14 @@ from __future__ import annotations
 import io
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, MetaData, inspect, make_url, text
+from sqlalchemy import Connection, Engine, MetaData, event, inspect, make_url, text
 
 from app.jobs.store import make_engine
 
@@ -103,9 +104,27 @@ def _stamp_legacy(conn: Connection, config: Config, url: str) -> None:
     command.stamp(config, BASELINE)
 
 
-def upgrade(url: str) -> None:
-    """Bring the database to head, in one transaction (one at a time on PostgreSQL)."""
+def _locking_engine(url: str) -> Engine:
+    """An engine whose transactions are one-migrator-at-a-time and include the DDL."""
     engine = make_engine(url)
+    if engine.dialect.name == "sqlite":
+        # pysqlite opens transactions lazily and runs DDL outside them; take the
+        # database's write lock up front instead, so the migration is atomic and a second
+        # migrator waits (busy_timeout) rather than racing it.
+        @event.listens_for(engine, "connect")
+        def _manual(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _immediate(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def upgrade(url: str) -> None:
+    """Bring the database to head in one transaction, one migrator at a time."""
+    engine = _locking_engine(url)
     try:
         with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
