@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.constants import JobStatus
 from app.jobs.store import JobStore
+from tests.factories import migrated_store
 
 FIELDS = {"model_name": "m", "backend_id": "aoti", "device": "cpu", "options": {},
           "verify": True, "rtol": 1e-4, "atol": 1e-4, "input_sha256": "0" * 64,
@@ -44,11 +45,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
         if found is None:
             pytest.skip("PostgreSQL at 127.0.0.1:5432 (database test) is not reachable")
         url = found
-    job_store = JobStore(url)
+    job_store = migrated_store(url)
     yield job_store
     if request.param == "postgresql":
         with job_store.engine.begin() as conn:
             conn.execute(text("DROP TABLE lowerings"))
+            conn.execute(text("DROP TABLE alembic_version"))
     job_store.close()
 
 
