@@ -253,10 +253,20 @@ class TooManyRequests(ServiceError):
 
 
 class ServiceUnavailable(ServiceError):
+    """Nothing can be done here now.
+
+    :param retry_after_s: sent as the Retry-After header when the wait is known.
+    """
+
     status = 503
     code = ApiErrorCode.SERVICE_UNAVAILABLE
     codes = frozenset({ApiErrorCode.SERVICE_UNAVAILABLE, ApiErrorCode.SANDBOX_UNAVAILABLE,
                        ApiErrorCode.DATABASE_BUSY})
+
+    def __init__(self, message: str, *, code: ApiErrorCode | None = None,
+                 retry_after_s: int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
 
 
 class StorageFull(ServiceError):

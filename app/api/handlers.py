@@ -7,7 +7,6 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -18,10 +17,8 @@ from app.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceError,
-    TooManyRequests,
 )
-from app.jobs.store import is_busy
-from app.storage.reserve import out_of_space
+from app.jobs.failures import out_of_space
 
 log = logging.getLogger("app.api")
 # The statuses Starlette's router and request parsing raise, as our classes.
@@ -49,8 +46,9 @@ def register_exception_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             log.error("service error: %s", exc.message)
         response = error_response(exc.code, exc.message)
-        if isinstance(exc, TooManyRequests):
-            response.headers["Retry-After"] = str(exc.retry_after_s)
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None:
+            response.headers["Retry-After"] = str(retry_after_s)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -84,18 +82,6 @@ def register_exception_handlers(app: FastAPI) -> None:
         if out_of_space(exc):
             return _disk_full()
         return await _unexpected(_, exc)
-
-    @app.exception_handler(OperationalError)
-    async def _database(_: Request, exc: OperationalError) -> JSONResponse:
-        if out_of_space(exc):
-            return _disk_full()
-        if not is_busy(exc):
-            return await _unexpected(_, exc)
-        # Writers were retried for a minute and the database is still locked.
-        response = error_response(ApiErrorCode.DATABASE_BUSY,
-                                  "the job database is busy; retry soon")
-        response.headers["Retry-After"] = "5"
-        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import logging
 import uuid
-from collections.abc import Iterable
-from typing import Any, TypedDict, Unpack, cast
+from collections.abc import Callable, Iterable
+from typing import Any, TypedDict, TypeVar, Unpack, cast
 
 from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
 from sqlalchemy import delete as sql_delete
@@ -13,8 +15,12 @@ from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from app.constants import JobStatus
+from app.errors import ApiErrorCode, ServiceUnavailable, StorageFull
+from app.jobs.failures import out_of_space
 from app.jobs.models import lowerings
 
+log = logging.getLogger("app.jobs")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class JobFields(TypedDict, total=False):
@@ -90,6 +96,30 @@ def is_busy(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) and ("locked" in text or "busy" in text)
 
 
+def _as_service_errors(method: F) -> F:
+    """The database's own failures, as the service's errors: callers (the API's handlers
+    among them) never see SQLAlchemy. Busy past the retries is 503 with a Retry-After, a
+    full disk 507, an unreachable database 503."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except OperationalError as exc:
+            if out_of_space(exc):
+                raise StorageFull("the job database is out of disk space; delete finished "
+                                  "lowerings or free space, then retry") from exc
+            if is_busy(exc):
+                raise ServiceUnavailable("the job database is busy; retry soon",
+                                         code=ApiErrorCode.DATABASE_BUSY,
+                                         retry_after_s=5) from exc
+            log.error("job database error: %s", exc)
+            raise ServiceUnavailable("the job database cannot be reached; retry soon",
+                                     retry_after_s=5) from exc
+
+    return cast(F, wrapper)
+
+
 # SQLite answers "database is locked" when writers collide past its busy timeout;
 # such a write is retried, never turned into a 500.
 retry_busy = retry(retry=retry_if_exception(is_busy), stop=stop_after_delay(60),
@@ -129,11 +159,13 @@ class JobStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    @_as_service_errors
     def ping(self) -> None:
         """Raises when the database cannot answer a trivial query."""
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
+    @_as_service_errors
     @retry_busy
     def create(self, **fields: Unpack[JobFields]) -> JobRecord:
         row: dict[str, Any] = {
@@ -151,11 +183,13 @@ class JobStore:
         assert job is not None
         return job
 
+    @_as_service_errors
     def get(self, job_id: str) -> JobRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(lowerings).where(lowerings.c.id == job_id)).first()
         return _as_job(row._mapping) if row is not None else None
 
+    @_as_service_errors
     def list_page(
         self,
         *,
@@ -175,12 +209,14 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_as_job(row._mapping) for row in conn.execute(query)]
 
+    @_as_service_errors
     def ids_with_status(self, *, statuses: Iterable[JobStatus]) -> list[str]:
         values = [s.value for s in statuses]
         query = select(lowerings.c.id).where(lowerings.c.status.in_(values))
         with self.engine.connect() as conn:
             return [row[0] for row in conn.execute(query.order_by(lowerings.c.seq))]
 
+    @_as_service_errors
     @retry_busy
     def transition(
         self, job_id: str, *, from_: Iterable[JobStatus], to: JobStatus,
@@ -202,6 +238,7 @@ class JobStore:
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount == 1
 
+    @_as_service_errors
     @retry_busy
     def update_running(self, job_id: str, **fields: Unpack[JobFields]) -> bool:
         """Record progress (phase, timings) of a job that is still running."""
@@ -214,14 +251,17 @@ class JobStore:
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount == 1
 
+    @_as_service_errors
     @retry_busy
     def delete(self, job_id: str) -> bool:
         with self.engine.begin() as conn:
             return conn.execute(sql_delete(lowerings).where(lowerings.c.id == job_id)).rowcount == 1
 
+    @_as_service_errors
     def count_artifact_refs(self, *, sha256: str) -> int:
         return self._count(lowerings.c.artifact_sha256 == sha256)
 
+    @_as_service_errors
     def count_waiting(self) -> int:
         """Queued jobs that will need a worker (coalesced ones ride along)."""
         return self._count((lowerings.c.status == JobStatus.QUEUED.value)
@@ -231,6 +271,7 @@ class JobStore:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).where(where)).scalar_one())
 
+    @_as_service_errors
     def find_by_key(self, *, cache_key: str, statuses: Iterable[JobStatus]) -> JobRecord | None:
         """The newest job with this cache key in one of ``statuses`` that does the work."""
         query = (
@@ -245,11 +286,13 @@ class JobStore:
             row = conn.execute(query).first()
         return _as_job(row._mapping) if row is not None else None
 
+    @_as_service_errors
     def children_of(self, parent_id: str) -> list[JobRecord]:
         query = select(lowerings).where(lowerings.c.parent_id == parent_id)
         with self.engine.connect() as conn:
             return [_as_job(row._mapping) for row in conn.execute(query.order_by(lowerings.c.seq))]
 
+    @_as_service_errors
     @retry_busy
     def reparent(self, job_ids: Iterable[str], *, parent_id: str | None) -> None:
         ids = list(job_ids)

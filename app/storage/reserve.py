@@ -12,8 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-from app.sandbox import SPACE_ERRNOS
-
 RESERVE_NAME = ".reserve"
 RESERVE_BYTES = 32 << 20
 
@@ -41,11 +39,3 @@ def release_reserve(data_dir: Path) -> bool:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     return existed
-
-
-def out_of_space(exc: BaseException) -> bool:
-    """Disk full, as the OS or SQLite says it."""
-    if isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS:
-        return True
-    text = str(exc).lower()
-    return "disk is full" in text or "no space left" in text

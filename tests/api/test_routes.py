@@ -208,3 +208,18 @@ def test_wait_on_a_cancelled_job_is_409_carrying_the_job(api: Api, linear: Path)
     error = _error(response)
     assert error["code"] == "job_cancelled" and error["lowering"]["id"] == job["id"]
     assert error["lowering"]["status"] == "cancelled"
+
+
+def test_an_unreachable_database_is_503_with_retry_after(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.jobs.store import make_engine
+
+    dead = make_engine("postgresql+psycopg://postgres@127.0.0.1:9/none?connect_timeout=2")
+    monkeypatch.setattr(api.services.store, "engine", dead)
+    response = api.client.get(f"/v1/lowerings/{'0' * 32}")
+    assert response.status_code == 503, response.text
+    assert _error(response)["code"] == "service_unavailable"
+    assert response.headers["retry-after"] == "5"
+    ready = api.client.get("/readyz").json()
+    assert ready["status"] == "not_ready" and ready["checks"]["database"].startswith("error")
