@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from pathlib import Path
 
 import httpx
 import pytest
@@ -110,3 +111,11 @@ def test_handlers_answer_each_code_with_its_status(
     if code is ApiErrorCode.QUEUE_FULL:
         assert response.headers["retry-after"] == "42"
     assert "secret" not in response.text
+
+
+def test_readme_lists_exactly_the_registry() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("<!-- error-codes:")
+    block = readme[readme.index("\n", start) + 1:readme.index("<!-- /error-codes -->")]
+    assert block.strip() == error_code_table().strip(), (
+        "README's error table is stale: paste app.errors.error_code_table() into it")
