@@ -113,7 +113,8 @@ def test_wrong_layout_is_422(
 
 
 def test_empty_zip_is_rejected(client: httpx.Client) -> None:
-    _error(submit(client, zip_bytes({}), model_name="m"), 422, "unsupported_layout")
+    message = _error(submit(client, zip_bytes({}), model_name="m"), 422, "unsupported_layout")
+    assert "empty" in message
 
 
 def test_unknown_ids_are_404(client: httpx.Client) -> None:
