@@ -12,6 +12,3 @@ the child leaves in its scratch dir.
 
 from __future__ import annotations
 
-from app.constants import SPACE_ERRNOS
-
-__all__ = ["SPACE_ERRNOS"]

@@ -30,8 +30,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.constants import SPACE_ERRNOS
 from app.errors import ApiErrorCode, ServiceError, StorageFull, Unprocessable, UnsupportedMediaType
-from app.sandbox import SPACE_ERRNOS
 from app.validation.graph import check_graph
 from app.validation.jsondoc import graph_error, load_json
 from app.validation.layout import (
