@@ -9,12 +9,13 @@ notices models that drift from the migrations; ``lowering-service migrate`` and
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ from sqlalchemy.exc import OperationalError
 from app.jobs import migrate
 from app.jobs.models import lowerings
 from app.jobs.store import JobStore
-from tests.conftest import ROOT
+from app.storage.artifacts import LocalArtifactStore
+from tests.conftest import ROOT, Server
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -115,13 +117,9 @@ def _postgres_reachable() -> bool:
         engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a SQLite file (LOWERING_DATA_DIR's default), or a fresh
-    PostgreSQL database dropped afterwards."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.db'}"
-        return
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards."""
     if not _postgres_reachable():
         pytest.skip("PostgreSQL at 127.0.0.1:5432 is not reachable")
     name = f"mig_{uuid.uuid4().hex}"
@@ -134,6 +132,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database: a SQLite file (LOWERING_DATA_DIR's default) or ``pg_url``."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return str(request.getfixturevalue("pg_url"))
 
 
 def _release_01_database(url: str, jobs: list[dict[str, Any]] = JOBS) -> list[dict[str, Any]]:
@@ -346,3 +352,41 @@ def test_cli_migrate_imports_no_torch(tmp_path: Path) -> None:
 
 def test_check_models_passes_on_this_tree() -> None:
     migrate.check_models()
+
+
+def test_service_serves_a_release_01_data_dir_after_migrating_itself(
+    tmp_path: Path, start_server: Callable[..., Server],
+) -> None:
+    """The embedded SQLite database of a release 0.1 data dir migrates at start; its
+    jobs and artifact are served as before."""
+    data_dir = tmp_path / "data"
+    payload = b"pt2 archive bytes " * 1000
+    ref = LocalArtifactStore(data_dir / "artifacts").put_stream(io.BytesIO(payload))
+    done = {**JOBS[0], "artifact_sha256": ref.sha256, "artifact_size_bytes": ref.size_bytes}
+    url = f"sqlite:///{data_dir / 'jobs.db'}"
+    _release_01_database(url, jobs=[done, JOBS[1]])
+
+    server = start_server(data_dir, workers=1, prime_workers=False)
+    client = server.client()
+
+    assert migrate.current(url) == migrate.head()
+    job = client.get(f"/v1/lowerings/{done['id']}").json()
+    assert job["status"] == "succeeded", job
+    assert job["artifact"]["sha256"] == ref.sha256
+    assert job["artifact"]["size_bytes"] == len(payload)
+    artifact = client.get(f"/v1/lowerings/{done['id']}/artifact")
+    assert artifact.status_code == 200 and artifact.content == payload
+    failed = client.get(f"/v1/lowerings/{JOBS[1]['id']}").json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "lowering_failed"
+    listed = {item["id"] for item in client.get("/v1/lowerings").json()["items"]}
+    assert listed == {done["id"], JOBS[1]["id"]}
+
+
+def test_service_refuses_a_shared_database_behind_head(
+    pg_url: str, start_server: Callable[..., Server],
+) -> None:
+    _release_01_database(pg_url)
+    server = start_server(ready=False, database_url=pg_url, prime_workers=False)
+    assert server.proc.wait(timeout=120) != 0
+    assert "lowering-service migrate" in server.log()
+    assert "alembic_version" not in _tables(pg_url)
