@@ -51,6 +51,8 @@ def _sandbox_run(cmd: list[str]) -> int:
 
 
 def _migrate(*, check_only: bool) -> int:
+    from sqlalchemy.exc import OperationalError
+
     from app.jobs import migrate
     from app.settings import Settings
 
@@ -69,6 +71,9 @@ def _migrate(*, check_only: bool) -> int:
         migrate.upgrade(url)
     except migrate.MigrationError as exc:
         print(f"lowering-service: {exc}", file=sys.stderr)
+        return 1
+    except OperationalError as exc:
+        print(f"lowering-service: cannot open the job database: {exc.orig}", file=sys.stderr)
         return 1
     print(f"job database: {before or 'unversioned'} -> {migrate.current(url)} (head)")
     return 0

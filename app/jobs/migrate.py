@@ -56,7 +56,8 @@ class MigrationError(RuntimeError):
 
 def _config(connection: Connection | None = None, metadata: MetaData | None = None) -> Config:
     config = Config(stdout=io.StringIO())  # alembic's chatter is not ours to print
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # The ini-style options interpolate "%": an install path may hold one.
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
     config.attributes["connection"] = connection
     if metadata is not None:
         config.attributes["target_metadata"] = metadata

@@ -341,6 +341,15 @@ def test_cli_migrate_upgrades_a_release_01_database(db_url: str, tmp_path: Path)
     assert _rows(db_url) == before
 
 
+def test_cli_migrate_says_when_the_database_cannot_be_opened(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://postgres:hunter2@127.0.0.1:1/jobs"  # nothing listens
+    for args in (["migrate"], ["migrate", "--check"]):
+        result = _cli(*args, url=url, data_dir=tmp_path)
+        assert result.returncode == 1, result
+        assert "cannot open the job database" in result.stderr
+        assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
+
+
 def test_cli_migrate_imports_no_torch(tmp_path: Path) -> None:
     code = ("import sys; from app.cli import main; rc = main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
