@@ -100,7 +100,8 @@ def run_job(job_id: str, child: SandboxedChild, ctx: JobContext, *,
     except JobError as exc:
         outcome.error = exc
     finally:
-        # Before the status changes: whoever sees the final status sees no leftovers.
+        # A success is committed from the scratch dir (the archive is copied out first);
+        # a failure is recorded only once it is gone.
         shutil.rmtree(child.scratch, ignore_errors=True)
     assert outcome.error is not None
     ctx.lifecycle.fail(job_id, outcome.error, resources=resources)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import Server
-from tests.factories import submit, wait_for
+from tests.factories import artifact_store, submit, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -148,4 +148,4 @@ def test_delete_removes_everything(client: httpx.Client, server: Server, program
     assert not (server.data_dir / "uploads" / f"{job_id}.pt2").exists()
     assert not (server.data_dir / "logs" / f"{job_id}.log").exists()
     sha = job["artifact"]["sha256"]
-    assert not (server.data_dir / "artifacts" / sha[:2] / f"{sha}.pt2").exists()
+    assert not artifact_store(server.data_dir).exists(sha)
