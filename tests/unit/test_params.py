@@ -283,13 +283,18 @@ def test_submit_responses_in_openapi() -> None:
     paths = app.openapi()["paths"]
     responses = paths["/v1/lowerings"]["post"]["responses"]
     job = {"schema": {"$ref": "#/components/schemas/LoweringPublic"}}
-    assert responses["200"]["content"] == {"application/json": job, "application/zip": {
+    # ?wait: 200 is only ever the archive; a failed or cancelled job is an error (below).
+    assert responses["200"]["content"] == {"application/zip": {
         "schema": {"type": "string", "format": "binary"}}}
     assert responses["202"]["content"] == {"application/json": job}
     assert "Location" in responses["202"]["headers"]
     assert "Retry-After" in responses["429"]["headers"]
-    errors = {"400", "408", "413", "415", "422", "429", "500", "503", "507"}
+    errors = {"400", "408", "409", "413", "415", "422", "429", "500", "503", "507"}
     assert set(responses) == {"200", "202", *errors}
     assert "missing_field" in responses["422"]["description"]
+    assert "job_failed" in responses["422"]["description"]
+    assert "job_cancelled" in responses["409"]["description"]
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    assert responses["422"]["content"]["application/json"]["schema"] == error
     statuses = {str(code.status) for code in ApiErrorCode} - {"405"}
     assert set(paths["/v1/lowerings/{job_id}"]["get"]["responses"]) == {"200", *statuses}
