@@ -36,7 +36,7 @@ def job_count(client: httpx.Client) -> int:
         ({"model_name": "m", "device": "tpu"}, 422, "invalid_device", "cpu, cuda"),
         ({"model_name": "m", "device": "cuda"}, 422, "device_unavailable", "not available"),
         ({"model_name": "m", "device": "cuda:3"}, 422, "device_unavailable", "cuda:3"),
-        ({"model_name": "m", "options": "{not json"}, 400, "bad_request", "JSON"),
+        ({"model_name": "m", "options": "{not json"}, 422, "invalid_parameter", "JSON"),
         ({"model_name": "m", "options": "[1]"}, 422, "invalid_parameter", "JSON object"),
         ({"model_name": "m", "options": '{"evil": 1}'}, 422, "unknown_option", "allowed"),
         ({"model_name": "m", "options": '{"max_autotune": "yes"}'}, 422, "invalid_option",
@@ -69,7 +69,7 @@ def test_missing_file_is_rejected(client: httpx.Client) -> None:
                            files={"other": ("x", b"1")})
     assert "program" in _error(response, 400, "bad_request")
     response = client.post("/v1/lowerings", files={"model_name": (None, "m")})
-    assert "program" in _error(response, 400, "missing_field")
+    assert "program" in _error(response, 422, "missing_field")
 
 
 def test_malformed_multipart_is_400(client: httpx.Client, server: Server) -> None:
@@ -161,7 +161,7 @@ def test_ids_that_cannot_exist_are_404(client: httpx.Client, job_id: str) -> Non
         ('{"freezing": ' + "[" * 2_000 + "]" * 2_000 + "}", 422, "nest"),
         ('{"cpp.simdlen": ' + "9" * 5_000 + "}", 422, "bytes"),
         ('{"cpp.simdlen": ' + "9" * 100 + "}", 422, "digits"),
-        ('{"cpp.simdlen": NaN}', 400, "NaN"),
+        ('{"cpp.simdlen": NaN}', 422, "NaN"),
         ('{"cpp.simdlen": 1e999}', 422, "finite"),
         ('{"freezing": true, "freezing": true}', 422, "twice"),
     ],
