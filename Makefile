@@ -42,7 +42,7 @@ test: lint typecheck sandbox-check migrations-check
 
 # The fast tier (tests/unit, tests/api): no server, no AOTInductor compile; under 2 minutes.
 # e2e/ and integration/ are marked slow by directory in tests/conftest.py.
-test-fast: lint typecheck sandbox-check
+test-fast: lint typecheck sandbox-check migrations-check
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
