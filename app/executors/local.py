@@ -22,6 +22,7 @@ from typing import Any
 
 from app import worker
 from app.constants import JobStatus
+from app.errors import JobError
 from app.jobs import failures
 from app.jobs.store import JobRecord
 from app.sandbox.cache import publish_cache, toolchain_stamp
@@ -220,7 +221,10 @@ class LocalExecutor:
             except Exception as exc:  # never let one job take the slot down
                 log.exception("supervising job %s failed", job_id)
                 child.finish()
-                self.lifecycle.fail(job_id, failures.error_for(exc))
+                code = failures.error_for(exc).code  # a full disk is still named so
+                with contextlib.suppress(Exception):  # else the sweep fails it later
+                    self.lifecycle.fail(job_id, JobError(
+                        code, f"the job's supervisor failed ({type(exc).__name__})"))
                 ran = "finished"
             if ran == "not_claimed":
                 slot.state, slot.job_id = "ready", None
