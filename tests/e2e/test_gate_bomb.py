@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import Server
-from tests.factories import submit
+from tests.factories import leftover_uploads, submit
 
 GiB = 1024**3
 
@@ -69,5 +69,5 @@ def test_bomb_upload_is_refused_and_the_api_stays_small(loose_server: Server,
         assert peak < GiB, f"API peak RSS {peak / 2**20:.0f} MiB"
         assert client.get("/healthz").json() == {"status": "ok"}
         assert response.headers.get("content-type", "").startswith("application/json")
-    uploads = sorted(p.name for p in (loose_server.data_dir / "uploads").iterdir())
-    assert uploads == [], uploads
+        assert client.get("/v1/lowerings").json()["items"] == []  # no job was recorded
+    assert leftover_uploads(loose_server.data_dir) == []
