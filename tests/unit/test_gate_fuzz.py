@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,9 @@ def test_json_mutations(bases: list[bytes], tmp_path: Path, data: st.DataObject)
     name = data.draw(st.sampled_from(sorted(n for n in members if n.endswith(".json"))))
     doc = json.loads(members[name])
     for _ in range(data.draw(st.integers(1, 3))):
-        _set_somewhere(doc, data, data.draw(NASTY))
+        # A copy: NASTY's sampled dict is one object, and a later mutation descending into
+        # it would change the strategy itself (hypothesis: FlakyStrategyDefinition).
+        _set_somewhere(doc, data, copy.deepcopy(data.draw(NASTY)))
     members[name] = json.dumps(doc).encode()
     _admit(zip_bytes(members), tmp_path)
 
