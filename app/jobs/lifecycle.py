@@ -55,6 +55,11 @@ class JobListener(Protocol):
     def job_finished(self, job: JobRecord) -> None: ...
 
 
+def unknown_job(job_id: str) -> NotFound:
+    """The 404 for an id no job has (quoted and cut short: ids come from URLs)."""
+    return NotFound(f"no lowering with id {job_id[:80]!r}")
+
+
 class QueueFull(Exception):
     """Admitting one more job that needs a worker would exceed the queue bound."""
 
@@ -194,7 +199,7 @@ class JobLifecycle:
         (and its executor, a listener, at once); a follower takes over the work."""
         job = self.store.get(job_id)
         if job is None:
-            raise NotFound(f"no lowering with id {job_id[:80]!r}")
+            raise unknown_job(job_id)
         if not self._move(job_id, from_=ACTIVE, to=C):
             current = self.store.get(job_id)
             status = current["status"] if current else "deleted"
@@ -244,7 +249,7 @@ class JobLifecycle:
         references it (under the admission lock: no cache hit can take it meanwhile)."""
         job = self.store.get(job_id)
         if job is None:
-            raise NotFound(f"no lowering with id {job_id[:80]!r}")
+            raise unknown_job(job_id)
         if not JobStatus(job["status"]).is_final:
             raise Conflict(f"lowering {job_id} is {job['status']}; cancel it before deleting",
                            code=ApiErrorCode.JOB_ACTIVE)

@@ -35,7 +35,6 @@ from app.errors import (
     ApiErrorCode,
     ArtifactCorrupt,
     Conflict,
-    NotFound,
     PayloadTooLarge,
     RequestTimeout,
     ServiceUnavailable,
@@ -44,7 +43,7 @@ from app.errors import (
 )
 from app.jobs.cache_key import cache_key
 from app.jobs.failures import out_of_space
-from app.jobs.lifecycle import QueueFull
+from app.jobs.lifecycle import QueueFull, unknown_job
 from app.jobs.store import JobFields, JobRecord, JobStore
 from app.schemas import LoweringPublic, LoweringsPublic
 from app.settings import Settings
@@ -94,14 +93,14 @@ def _public(job: JobRecord) -> dict[str, Any]:
 def _known_shape(job_id: str) -> str:
     """An id that no job can have never reaches the database (NUL bytes, megabytes)."""
     if not JOB_ID_RE.fullmatch(job_id):
-        raise NotFound(f"no lowering with id {job_id[:80]!r}")
+        raise unknown_job(job_id)
     return job_id
 
 
 async def _get_or_404(store: JobStore, job_id: str) -> JobRecord:
     job = await to_thread.run_sync(store.get, _known_shape(job_id))
     if job is None:
-        raise NotFound(f"no lowering with id {job_id[:80]!r}")
+        raise unknown_job(job_id)
     return job
 
 
