@@ -10,8 +10,17 @@ database.
 
     python3 bench/gpu_check.py [--device cuda] [--models linear,dynamic] [--json OUT.json]
 
+Each lowering runs in a child process, so one that crashes torch (a segfault in its
+loader, say) is a row of the table, not the end of the check.
+
 Exit status: 0 when every program lowered and verified on the device, 1 when some did
 not, 2 when this torch cannot lower at all (no CUDA, no torch.nativert backends).
+
+Seen on an H100 with torch 2.11.0+cu130 (2026-11-27): lowering and packaging for cuda
+work (linear in 6.9 s, a .cubin in the archive, compute capability 90), but torch 2.11's
+``AOTIModelPackageLoader`` segfaults on every archive, CPU or CUDA, the stock
+``package_nativert_with_aoti_delegate``'s included: verification needs the loader of the
+torch the service pins (2.13).
 """
 
 from __future__ import annotations
@@ -91,6 +100,26 @@ def _lower_one(name: str, device: str, work: Path) -> dict[str, Any]:
     return row
 
 
+def _isolated(name: str, device: str, work: Path) -> dict[str, Any]:
+    """``_lower_one`` in a child process; a crash becomes a row saying where it died."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "faulthandler", __file__, "--one", name, "--device", device,
+         "--work", str(work)], capture_output=True, text=True, timeout=1800)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        row: dict[str, Any] = json.loads(lines[-1])
+        return row
+    # faulthandler lists the crashing thread after "Current thread", innermost frame first;
+    # a traceback lists its innermost frame last.
+    err = proc.stderr
+    crashed = "Current thread" in err
+    err = err[err.find("Current thread"):] if crashed else err
+    frames = [line.strip() for line in err.splitlines() if line.strip().startswith("File ")]
+    where = (frames[0] if crashed else frames[-1]) if frames else "no Python frame"
+    return {"model": name, "device": device, "ok": False,
+            "error": f"child died (exit {proc.returncode}) in {where}"}
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     head = f"{'model':<10} {'device':<7} {'ok':<5} {'wall s':>7} {'lower s':>8} " \
            f"{'verify s':>9} {'cases':>5} {'max err':<12} {'MB':>6}  error"
@@ -112,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
     parser.add_argument("--no-baseline", action="store_true", help="skip the CPU lowerings")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: one lowering
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(_lower_one(args.one, args.device, args.work)), flush=True)
+        return 0
 
     env = _environment(args.device)
     print(json.dumps(env, indent=1), flush=True)
@@ -131,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             for device in devices:
                 work = Path(tmp) / device.replace(":", "")
                 work.mkdir(exist_ok=True)
-                row = _lower_one(name, device, work)
+                row = _isolated(name, device, work)
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
                 if "trace" in row:
