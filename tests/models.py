@@ -348,6 +348,64 @@ BUILDERS["derived"] = _derived
 MODEL_NAMES = tuple(BUILDERS)
 
 
+class _NonzeroSum(nn.Module):
+    """A data-dependent size (the nonzero count) used only inside the graph; the output is
+    static. Its delegate export used to fail with PendingUnbackedSymbolNotFound."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = x.nonzero()
+        return (x[idx[:, 0], idx[:, 1]] ** 2).sum().reshape(1) + self.w
+
+
+def nonzero_sum_input(zeros: int) -> torch.Tensor:
+    """A 6x4 input with exactly ``zeros`` zero entries (the rest nonzero)."""
+    x = torch.rand(6, 4) + 0.5
+    x.view(-1)[torch.randperm(24)[:zeros]] = 0.0
+    return x
+
+
+def _nonzero_sum() -> ExportedProgram:
+    return torch.export.export(_NonzeroSum().eval(), (nonzero_sum_input(7),))
+
+
+class _MaskedRows(nn.Module):
+    """One output whose row count depends on the data, and one data-dependent size that
+    stays inside (the count of entries above 1)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[x[:, 0] > 0] * 2, x[x > 1].sum()
+
+
+class _MaskedOuter(nn.Module):
+    """An output with rows = (data-dependent count) * (another one): export cannot bind a
+    product of unbacked sizes to the delegate's output, so lowering must fail clearly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x[x[:, 0] > 0], x[x[:, 1] > 0]
+        return (a[:, None, :] * b[None, :, :]).reshape(-1, 4)
+
+
+def _masked_rows() -> ExportedProgram:
+    x = torch.randn(6, 4)
+    x[:3, 0] = -x[:3, 0].abs()  # 3 of 6 rows selected
+    x[3:, 0] = x[3:, 0].abs() + 0.1
+    return torch.export.export(_MaskedRows().eval(), (x,))
+
+
+def _masked_outer() -> ExportedProgram:
+    return torch.export.export(_MaskedOuter().eval(), (torch.randn(6, 4),))
+
+
+BUILDERS["nonzero_sum"] = _nonzero_sum
+BUILDERS["masked_rows"] = _masked_rows
+BUILDERS["masked_outer"] = _masked_outer
+MODEL_NAMES = tuple(BUILDERS)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 1:
         print("usage: python -m tests.models OUTDIR [NAME...]", file=sys.stderr)

@@ -5,6 +5,12 @@ re-export passes no ``dynamic_shapes``: the compiled runner then specialises to
 the example sizes yet accepts other sizes and silently computes garbage.
 Here every re-export gets dynamic_shapes rebuilt from the program's own input
 placeholders and ``range_constraints``.
+
+The stock helper also cannot export the delegate of a program with a data-dependent
+size that stays inside the graph (``x[mask].mean(0)``): the delegate call's fake
+implementation re-runs the whole graph, and the unbacked symbols that run creates
+and does not return raise PendingUnbackedSymbolNotFound. ``_DelegateProgram`` tells
+the shape env those symbols are discarded (see there).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 import types
+from collections.abc import Callable
 from typing import Any
 
 import sympy
@@ -20,8 +27,15 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
+from torch.fx.experimental.symbolic_shapes import (
+    PendingUnbackedSymbolNotFound,
+    free_unbacked_symbols,
+)
 from torch.nativert.backends._lowered_aoti_module import LoweredBackendModule
 from torch.utils._sympy.numbers import int_oo
+
+from app.constants import ErrorCode
+from app.errors import JobError
 
 log = logging.getLogger("app.lowering")
 
@@ -146,6 +160,78 @@ class _FlattenedModule(torch.nn.Module):
         return tuple(pytree.tree_leaves(self.original_module(*args, **kwargs)))
 
 
+def _unbacked_in(value: Any) -> set[sympy.Symbol]:
+    """The unbacked symbols in the sizes, strides and offsets of a tree's tensors/SymInts."""
+    symbolic = (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)
+    return {symbol for leaf in pytree.tree_leaves(value) if isinstance(leaf, symbolic)
+            for symbol in free_unbacked_symbols(leaf)}
+
+
+class _DelegateProgram:
+    """What the delegate module holds as its ``original_module``: the flat program, whose
+    ``module()`` runs its graph the way executorch_call_delegate's implementations do
+    (torch/_higher_order_ops/executorch_call_delegate.py, call_delegate_cpu:
+    ``lowered_module.original_module.module()(*args)``), and then, under a fake mode,
+    marks the unbacked symbols the run created but did not return as ignorable.
+
+    Why: when export traces the delegate call, trace_call_delegate fake-runs the graph
+    and then track_tensor_tree -> _set_unbacked_bindings -> compute_unbacked_bindings
+    (torch/fx/experimental/symbolic_shapes.py) requires every symbol still pending in
+    the shape env to appear in the call's outputs, else PendingUnbackedSymbolNotFound.
+    A data-dependent size used only inside the graph (``x[x > 0].sum()``) never appears
+    there. This is sound because the compiled delegate is one opaque call: the outer
+    graph sees only its outputs, so a symbol absent from every output's sizes, strides
+    and offset is nothing the outer graph can refer to or guard on, and needs no binding
+    (the inner graph and its runtime asserts were compiled with it). It is what torch's
+    own higher-order ops do with fresh symbols their fake implementations discard
+    (cond's fake mode impl and invoke_subgraph use ShapeEnv.ignore_fresh_unbacked_symbols;
+    ``ignorable_fresh_unbacked_symbols`` is the per-symbol form, used by
+    torch/distributed/_ops/device_mesh.py). Symbols that DO reach the outputs stay
+    pending, so compute_unbacked_bindings binds them to the delegate node's outputs
+    exactly as without this class (or fails if it cannot, which lower_program reports).
+    """
+
+    def __init__(self, ep: ExportedProgram) -> None:
+        self.ep = ep
+
+    def module(self) -> Callable[..., Any]:
+        # A fresh module per call, like the stock call_delegate_cpu.
+        graph_module = self.ep.module()
+
+        def run(*args: Any) -> Any:
+            fake_mode = torch._guards.detect_fake_mode(args)
+            shape_env = fake_mode.shape_env if fake_mode is not None else None
+            if shape_env is None:
+                return graph_module(*args)
+            before = len(shape_env.pending_fresh_unbacked_symbols)
+            outs = graph_module(*args)
+            fresh = shape_env.pending_fresh_unbacked_symbols[before:]
+            returned = _unbacked_in(outs)
+            internal = [s for s in fresh if s not in returned]
+            if internal:
+                log.info("delegate call: data-dependent sizes %s stay inside the compiled "
+                         "graph; not bound in the delegate program", internal)
+                shape_env.ignorable_fresh_unbacked_symbols.extend(internal)
+            return outs
+
+        return run
+
+
+def _drop_internal_symbols(ep: ExportedProgram) -> None:
+    """Forget the ranges of data-dependent sizes that stay inside the delegate call.
+
+    Export records a range for every unbacked symbol it met, the discarded ones too
+    (see _DelegateProgram); no node of the delegate graph carries them, and loading the
+    program would warn "Symbol u0 did not appear in the graph" for each.
+    """
+    used: set[sympy.Symbol] = set()
+    for node in ep.graph.nodes:
+        used |= _unbacked_in(node.meta.get("val"))
+    for symbol in list(ep.range_constraints):
+        if symbol not in used and symbol in free_unbacked_symbols(symbol):
+            del ep.range_constraints[symbol]
+
+
 def _bind_shapes(sig: inspect.Signature, tree: Any) -> dict[str, Any]:
     # torch.export matches a dict of dynamic_shapes against
     # signature.bind(*args, **kwargs).arguments, so binding the shapes tree
@@ -196,6 +282,8 @@ def lower_program(
     log.info("compiled %d files", len(aoti_files))
 
     delegate = LoweredBackendModule(flat_ep, backend_id, module_name=model_name)
+    # Only the fake implementation reads it; serialisation writes just the name and backend.
+    delegate._original_exported_program = _DelegateProgram(flat_ep)  # type: ignore[assignment]
 
     def forward(self: LoweredBackendModule, *a: Any, **kw: Any) -> Any:
         flat = fx_pytree.tree_flatten_spec((a, kw), in_spec)
@@ -215,6 +303,21 @@ def lower_program(
     )
     delegate.forward = types.MethodType(forward, delegate)  # type: ignore[method-assign]
     shapes = _bind_shapes(sig, pytree.tree_unflatten(flat_shapes, in_spec))
-    delegate_ep = torch.export.export(delegate, tuple(args), kwargs, dynamic_shapes=shapes)
+    try:
+        delegate_ep = torch.export.export(delegate, tuple(args), kwargs, dynamic_shapes=shapes)
+    except PendingUnbackedSymbolNotFound as exc:
+        # A data-dependent size reaches an output in a form export cannot bind (e.g. a
+        # product of two such sizes). Nothing is packaged: say why instead of a trace.
+        log.warning("delegate export failed: %s: %s", type(exc).__name__,
+                    str(exc).splitlines()[0])
+        raise JobError(
+            ErrorCode.LOWERING_FAILED,
+            "an output's shape depends on the input data in a form the delegate program "
+            f"cannot express (PendingUnbackedSymbolNotFound: {str(exc).splitlines()[0]}); "
+            "return sizes that are plain data-dependent counts, or make the output shape "
+            "static (e.g. pad to a maximum)",
+            detail={"exception_type": type(exc).__name__, "phase": "lower"},
+        ) from exc
+    _drop_internal_symbols(delegate_ep)
     log.info("delegate program range_constraints: %s", delegate_ep.range_constraints)
     return delegate_ep, aoti_files

@@ -74,8 +74,8 @@ def test_probe_toolchain_reports_compiler_and_march() -> None:
 @pytest.mark.slow
 def test_dynamic_model_keeps_its_batch_dimension(dynamic_lowered) -> None:
     out, result, phases = dynamic_lowered
-    assert phases == ["load", "lower", "package", "verify"]
-    assert set(result.timings) == {"load", "lower", "package", "verify"}
+    assert phases == ["load", "lower", "package", "verify", "profile"]
+    assert set(result.timings) == {"load", "lower", "package", "verify", "profile"}
     assert result.toolchain["device"] == "cpu"
     verification = result.verification
     assert verification is not None and verification["passed"]
@@ -106,6 +106,19 @@ def test_archive_carries_provenance_with_verification(dynamic_lowered) -> None:
     assert provenance["verification"] == result.verification
     assert_no_values(provenance["verification"], allowed=(1e-4, 1e-5))
     assert not list(out.parent.glob(".*unverified*")), "draft archive left behind"
+    assert provenance["profile"] == result.profile
+
+
+@pytest.mark.slow
+def test_a_verified_lowering_is_profiled(dynamic_lowered) -> None:
+    _, result, _ = dynamic_lowered
+    profile = result.profile
+    assert profile is not None and set(profile) == {"eager_ms", "compiled_ms", "speedup", "runs"}
+    assert profile["eager_ms"] > 0 and profile["compiled_ms"] > 0
+    assert profile["speedup"] == pytest.approx(profile["eager_ms"] / profile["compiled_ms"],
+                                               rel=1e-2)
+    assert 3 <= profile["runs"] <= 25
+    assert result.timings["profile"] > 0
 
 
 @pytest.mark.slow
@@ -360,3 +373,70 @@ def test_unknown_pytree_type_names_the_module_to_preload(tmp_path: Path) -> None
                                "module": "tests.pytree_types"}
     assert "LOWERING_PRELOAD_MODULES" in error["message"]
     assert "tests.pytree_types" in error["message"]
+
+
+# ---- data-dependent sizes (issue 9): inside the graph, in the outputs, unbindable ---------
+
+def _delegate_matches_original(out: Path, name: str, inputs: list[list[torch.Tensor]]) -> None:
+    """The packaged runner equals the original program on every input list (new data)."""
+    runner = load_pt2(str(out)).aoti_runners[f"{name}-aoti"]
+    reference = export_model(name).module()
+    for flat in inputs:
+        got = runner.loader.run(flat)
+        expected = pytree.tree_leaves(reference(*flat))
+        assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected]
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_size_from_the_data_inside_the_graph_lowers_and_verifies(tmp_path: Path) -> None:
+    from tests.models import nonzero_sum_input
+
+    # x.nonzero() then a sum: the nonzero count is an unbacked size the outputs never
+    # carry; the delegate export raised PendingUnbackedSymbolNotFound before.
+    out, result, phases = _lower(tmp_path, "nonzero_sum")
+    assert {"lower", "package", "verify"} <= set(phases)
+    assert result.verification is not None and result.verification["passed"]
+    delegate = load_pt2(str(out)).exported_programs["nonzero_sum-aoti"]
+    calls = [n for n in delegate.graph.nodes if n.op == "call_function"
+             and n.target is torch.ops.higher_order.executorch_call_delegate]
+    assert len(calls) == 1
+    torch.manual_seed(1)
+    # Other counts of nonzeros than the example's 17 (of 24), none and all included.
+    _delegate_matches_original(out, "nonzero_sum",
+                               [[nonzero_sum_input(zeros)] for zeros in (0, 3, 7, 20, 24)])
+
+
+@pytest.mark.slow
+def test_rows_chosen_by_the_data_reach_the_output_and_lower(tmp_path: Path) -> None:
+    # One output's row count is data-dependent (bound to the delegate's output), and a
+    # second data-dependent size stays inside (discarded): both in one delegate call.
+    out, result, _ = _lower(tmp_path, "masked_rows")
+    assert result.verification is not None and result.verification["passed"]
+    torch.manual_seed(2)
+    inputs = []
+    for selected in (0, 1, 5, 6):
+        x = torch.randn(6, 4)
+        x[:, 0] = x[:, 0].abs() + 0.1
+        x[selected:, 0] *= -1
+        inputs.append([x])
+    _delegate_matches_original(out, "masked_rows", inputs)
+    rows = [tuple(load_pt2(str(out)).aoti_runners["masked_rows-aoti"].loader.run(flat)[0].shape)
+            for flat in inputs]
+    assert rows == [(0, 4), (1, 4), (5, 4), (6, 4)]
+
+
+@pytest.mark.slow
+def test_output_size_export_cannot_bind_is_a_clear_lowering_failure(tmp_path: Path) -> None:
+    # rows = count_a * count_b: no delegate program can bind that product, so nothing is
+    # packaged and the error says why (never a wrong archive).
+    with pytest.raises(JobError) as info:
+        _lower(tmp_path, "masked_outer")
+    err = info.value
+    assert err.code == ErrorCode.LOWERING_FAILED
+    assert "depends on the input data" in err.message
+    assert err.detail["exception_type"] == "PendingUnbackedSymbolNotFound"
+    assert err.detail["exception_type"] in err.message
+    assert not (tmp_path / "masked_outer-lowered.pt2").exists()
+    assert not list(tmp_path.glob(".*unverified*"))
