@@ -23,6 +23,8 @@ class Phase(enum.StrEnum):
     """The two programs and provenance are written into one pt2 archive."""
     VERIFY = "verify"
     """The archive's runner is compared with the original program."""
+    PROFILE = "profile"
+    """A verified archive's runner is timed against the program run eagerly."""
 
 
 # Keys of a job's ``timings``: the API's own "validate" (the upload gate), then the phases.

@@ -95,6 +95,16 @@ class Verification(_Report):
     cases: list[VerificationCase] = Field(default_factory=list)
 
 
+class Profile(BaseModel):
+    """The verified runner against the program run eagerly, on the example inputs, on the
+    job's device, in its sandbox: medians after a warm-up."""
+
+    eager_ms: float
+    compiled_ms: float
+    speedup: float | None = Field(description="eager_ms / compiled_ms")
+    runs: int = Field(description="timed calls per side")
+
+
 class LoweringPublic(BaseModel):
     """A lowering job as clients see it."""
 
@@ -124,6 +134,8 @@ class LoweringPublic(BaseModel):
         None, description="id of the identical job this one waited on instead of compiling")
     resources: dict[str, Any] | None = Field(
         None, description="worker cpu_s, children_cpu_s (g++), peak_rss_bytes")
+    profile: Profile | None = Field(
+        None, description="does lowering pay: eager vs compiled time (verified jobs)")
 
     @classmethod
     def from_job(cls, job: Mapping[str, Any]) -> LoweringPublic:

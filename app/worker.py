@@ -117,7 +117,8 @@ def _succeed(job: JobRecord, scratch: Path, result: dict[str, Any],
         try:
             ctx.lifecycle.succeed(job["id"], artifact=ref, timings=result["timings"],
                                   verification=result["verification"],
-                                  toolchain=result["toolchain"], resources=resources)
+                                  toolchain=result["toolchain"], profile=result["profile"],
+                                  resources=resources)
             return
         except ArtifactLost:
             continue
@@ -198,7 +199,22 @@ def _checked_result(raw: Any) -> dict[str, Any]:
     clean = {str(k)[:32]: round(float(v), 4) for k, v in list(timings.items())[:16]
              if isinstance(v, int | float) and math.isfinite(v)}
     return {"timings": clean, "verification": _bounded(finite(raw.get("verification"))),
-            "toolchain": _bounded(finite(raw.get("toolchain")))}
+            "toolchain": _bounded(finite(raw.get("toolchain"))),
+            "profile": _checked_profile(raw.get("profile"))}
+
+
+def _checked_profile(raw: Any) -> dict[str, Any] | None:
+    """Four numbers in plausible ranges, or no profile at all."""
+    if not isinstance(raw, dict):
+        return None
+    times: dict[str, Any] = {key: raw.get(key) for key in ("eager_ms", "compiled_ms", "speedup")}
+    runs = raw.get("runs")
+    plausible = all(isinstance(v, int | float) and not isinstance(v, bool)
+                    and math.isfinite(v) and 0 <= v < 1e9 for v in times.values())
+    if not plausible or not isinstance(runs, int) or isinstance(runs, bool) \
+            or not 1 <= runs <= 1000:
+        return None
+    return {**{k: float(v) for k, v in times.items()}, "runs": runs}
 
 
 def _checked_resources(raw: Any) -> dict[str, Any] | None:

@@ -138,6 +138,11 @@ def _verdict(job: Job, err: Console) -> int:
     """Print the final job; exit 1 unless it succeeded."""
     _print_job(job)
     if job.get("status") == JobStatus.SUCCEEDED.value:
+        profile = job.get("profile")
+        if profile:
+            _say(err, f"speedup {profile['speedup']}x: compiled {profile['compiled_ms']} ms, "
+                 f"eager {profile['eager_ms']} ms (median of {profile['runs']} runs on the "
+                 "example inputs)", "green")
         return EXIT_OK
     error = job.get("error") or {}
     _say(err, f"job {job.get('id')} {job.get('status')}: "

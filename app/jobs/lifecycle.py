@@ -46,7 +46,8 @@ ACTIVE = (Q, R)
 MAX_ATTEMPTS = 2
 LOG_TAIL_BYTES = 4000
 # What a finished job hands on to the jobs that waited on it.
-INHERITED = ("artifact_sha256", "artifact_size_bytes", "verification", "toolchain", "error")
+INHERITED = ("artifact_sha256", "artifact_size_bytes", "verification", "toolchain", "profile",
+             "error")
 
 
 class JobListener(Protocol):
@@ -129,7 +130,8 @@ class JobLifecycle:
                         **fields, status=S.value, cache_hit=True, created_at=now,
                         started_at=now, finished_at=now,
                         artifact_sha256=sha, artifact_size_bytes=hit["artifact_size_bytes"],
-                        verification=hit["verification"], toolchain=hit["toolchain"])
+                        verification=hit["verification"], toolchain=hit["toolchain"],
+                        profile=hit["profile"])
                     self._notify(job)
                     return Admission(job, must_run=False)
                 leader = self.store.find_by_key(cache_key=key, statuses=ACTIVE)
@@ -166,7 +168,8 @@ class JobLifecycle:
 
     def succeed(self, job_id: str, *, artifact: ArtifactRef, timings: dict[str, float],
                 verification: dict[str, Any] | None, toolchain: dict[str, Any] | None,
-                resources: dict[str, Any] | None) -> bool:
+                resources: dict[str, Any] | None,
+                profile: dict[str, Any] | None = None) -> bool:
         """running -> succeeded with its stored archive. Raises ArtifactLost when a
         concurrent delete removed that archive first (the worker stores it again)."""
         with self._lock:
@@ -177,7 +180,8 @@ class JobLifecycle:
                 job_id, from_=[R], to=S, artifact_sha256=artifact.sha256,
                 artifact_size_bytes=artifact.size_bytes,
                 timings={**(job["timings"] or {}), **timings},
-                verification=verification, toolchain=toolchain, resources=resources)
+                verification=verification, toolchain=toolchain, profile=profile,
+                resources=resources)
         if moved:
             self._finished(job_id)
         return moved

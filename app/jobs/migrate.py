@@ -123,8 +123,9 @@ def _locking_engine(url: str) -> Engine:
     return engine
 
 
-def upgrade(url: str) -> None:
-    """Bring the database to head in one transaction, one migrator at a time."""
+def upgrade(url: str, *, to: str = "head") -> None:
+    """Bring the database to ``to`` (the newest revision unless a test asks for an older
+    one) in one transaction, one migrator at a time."""
     engine = _locking_engine(url)
     try:
         with engine.begin() as conn:
@@ -135,7 +136,7 @@ def upgrade(url: str) -> None:
             found = _current(conn)
             if found is not None and not _known(found):
                 raise MigrationError(_unknown(url, found))
-            command.upgrade(config, "head")
+            command.upgrade(config, to)
     except CommandError as exc:
         raise MigrationError(f"migrating job database {_shown(url)} failed: {exc}") from exc
     finally:

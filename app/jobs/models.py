@@ -53,6 +53,8 @@ lowerings = Table(
     Column("worker_pid", Integer),
     Column("attempts", Integer, nullable=False, default=0),
     Column("resources", JSON),
+    # eager_ms, compiled_ms, speedup, runs: the verified runner timed against eager.
+    Column("profile", JSON),
     # Cache: the key of everything that shapes the artifact; a coalesced job points at
     # the job doing the work (parent_id) and finishes with it.
     Column("cache_key", String(64)),

@@ -47,6 +47,7 @@ class JobFields(TypedDict, total=False):
     worker_pid: int | None
     attempts: int
     resources: dict[str, Any] | None
+    profile: dict[str, Any] | None
     cache_key: str | None
     cache_hit: bool
     parent_id: str | None
@@ -80,6 +81,7 @@ class JobRecord(TypedDict):
     worker_pid: int | None
     attempts: int
     resources: dict[str, Any] | None
+    profile: dict[str, Any] | None
     cache_key: str | None
     cache_hit: bool
     parent_id: str | None

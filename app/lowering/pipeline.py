@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.export import ExportedProgram
 
 from app.constants import ErrorCode, Phase
 from app.errors import JobError
@@ -18,6 +19,7 @@ from app.jobs import failures
 from app.lowering.load import load_program
 from app.lowering.lower import lower_program
 from app.lowering.package import write_archive
+from app.lowering.profile import profile_archive
 from app.lowering.toolchain import probe_toolchain
 from app.lowering.verify import verify_archive
 
@@ -29,6 +31,7 @@ class LoweringResult:
     timings: dict[str, float] = field(default_factory=dict)
     verification: dict[str, Any] | None = None
     toolchain: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] | None = None
 
 
 @contextmanager
@@ -47,6 +50,23 @@ def _phase(name: Phase, timings: dict[str, float], on_phase: Callable[[str], Non
     finally:
         timings[name.value] = timings.get(name.value, 0.0) + time.monotonic() - start
     log.info("phase %s done in %.1f s", name, timings[name.value])
+
+
+def _profile(archive: Path, program: ExportedProgram, model_name: str, backend_id: str,
+             device: str, timings: dict[str, float],
+             on_phase: Callable[[str], None]) -> dict[str, Any] | None:
+    """Time the verified runner against eager; a failure here costs the job nothing but
+    its profile (the archive is already verified)."""
+    on_phase(Phase.PROFILE.value)
+    start = time.monotonic()
+    try:
+        return profile_archive(archive_path=archive, program=program, model_name=model_name,
+                               backend_id=backend_id, device=device)
+    except Exception:
+        log.exception("profiling failed; the job goes on without a profile")
+        return None
+    finally:
+        timings[Phase.PROFILE.value] = time.monotonic() - start
 
 
 def _check_device(device: str) -> None:
@@ -121,7 +141,8 @@ def run_lowering(
     def record() -> dict[str, Any]:
         return {**provenance, "model_name": model_name, "backend_id": backend_id,
                 "device": device, "options": dict(options), "toolchain": result.toolchain,
-                "verification": result.verification, "timings": dict(timings)}
+                "verification": result.verification, "profile": result.profile,
+                "timings": dict(timings)}
 
     def package(path: Path) -> None:
         write_archive(path, model_name=model_name, backend_id=backend_id, original=original,
@@ -147,6 +168,8 @@ def run_lowering(
         if not result.verification["passed"]:
             raise JobError(ErrorCode.VERIFICATION_FAILED, _failure_message(result.verification),
                            detail=result.verification)
+        result.profile = _profile(draft, original, model_name, backend_id, device, timings,
+                                  on_phase)
         with _phase(Phase.PACKAGE, timings, lambda _: None):
             package(out_path)
     finally:

@@ -179,7 +179,8 @@ def run_job(channel: IO[str], spec: dict[str, Any], job_dir: Path) -> None:
         return
     _say(channel, "done", result={"timings": result.timings,
                                   "verification": result.verification,
-                                  "toolchain": result.toolchain},
+                                  "toolchain": result.toolchain,
+                                  "profile": result.profile},
          resources=_resources())
 
 

@@ -28,6 +28,7 @@ def test_identical_request_is_a_cache_hit(
     assert job["cache_hit"] is True and job["attempts"] == 0 and job["worker_pid"] is None
     assert job["artifact"]["sha256"] == linear["job"]["artifact"]["sha256"]
     assert job["verification"] == linear["job"]["verification"]
+    assert job["profile"] == linear["job"]["profile"] is not None
     assert stored_artifacts(server.data_dir) == stored  # no copy
     assert client.get(f"/v1/lowerings/{job['id']}/log").text == ""  # no worker touched it
 

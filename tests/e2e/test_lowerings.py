@@ -56,7 +56,11 @@ def test_job_record_is_complete(linear: dict[str, Any], programs: Path) -> None:
                             "size_bytes": len(upload)}
     assert job["verification"]["passed"] is True
     assert len(job["verification"]["cases"]) >= 1
-    assert set(job["timings"]) >= {"validate", "load", "lower", "package", "verify"}
+    assert set(job["timings"]) >= {"validate", "load", "lower", "package", "verify", "profile"}
+    profile = job["profile"]  # measured in the sandbox, relayed through the checked result
+    assert profile["eager_ms"] > 0 and profile["compiled_ms"] > 0 and profile["runs"] >= 3
+    assert profile["speedup"] == pytest.approx(profile["eager_ms"] / profile["compiled_ms"],
+                                               rel=1e-2)
     assert job["toolchain"]["compiler"] and job["toolchain"]["cpu_isa"]
     assert job["created_at"] <= job["started_at"] <= job["finished_at"]
     assert job["error"] is None and job["phase"] is None

@@ -226,7 +226,7 @@ def test_baseline_makes_release_01_schema(db_url: str) -> None:
         conn.execute(text("DROP TABLE lowerings"))
     engine.dispose()
 
-    migrate.upgrade(db_url)
+    migrate.upgrade(db_url, to=migrate.BASELINE)
 
     assert _schema(db_url) == old
     assert _tables(db_url) == {"lowerings", "alembic_version"}
@@ -399,3 +399,21 @@ def test_service_refuses_a_shared_database_behind_head(
     assert server.proc.wait(timeout=120) != 0
     assert "lowering-service migrate" in server.log()
     assert "alembic_version" not in _tables(pg_url)
+
+
+def test_0002_adds_the_profile_to_every_kept_job(db_url: str) -> None:
+    """The first real schema change: release 0.1's jobs come through with no profile, and
+    new jobs can carry one."""
+    before = _release_01_database(db_url)
+    migrate.upgrade(db_url)
+    columns = {c[0]: c for c in _schema(db_url)["columns"]}
+    assert columns["profile"][2] is True  # nullable
+    assert len(_rows(db_url)) == len(before)
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            profiles = conn.execute(text("SELECT profile FROM lowerings")).scalars().all()
+    finally:
+        engine.dispose()
+    assert len(profiles) == len(before) and set(profiles) == {None}
+    migrate.check(db_url)

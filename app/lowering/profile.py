@@ -1,0 +1,93 @@
+"""Does lowering pay? The archive's runner against the program run eagerly, same inputs.
+
+Both sides run the example inputs on the job's device, in the job's sandbox, after a
+warm-up; each side's figure is the median of ``runs`` timed calls (inputs are cloned
+before the clock starts, so a program that mutates its inputs costs the same every call).
+The number of runs adapts to the program: as many as fit a small time budget, within
+[MIN_RUNS, MAX_RUNS]. Only timings leave this module, never a value the compiled code
+computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import ExportedProgram
+from torch.export.pt2_archive._package import load_pt2
+
+from app.lowering.lower import flat_example_inputs, to_device
+from app.lowering.package import delegate_name
+
+log = logging.getLogger("app.lowering")
+WARMUP_RUNS = 2
+MIN_RUNS = 3
+MAX_RUNS = 25
+BUDGET_S = 2.0  # per side, after the warm-up
+
+
+def _clone(flat: list[Any]) -> list[Any]:
+    return [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
+
+
+def _timer(device: str) -> Callable[[], None]:
+    """What makes a timing honest on this device: CUDA work is asynchronous."""
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _median_ms(call: Callable[[list[Any]], Any], flat: list[Any], runs: int,
+               sync: Callable[[], None]) -> float:
+    times = []
+    for _ in range(runs):
+        inputs = _clone(flat)
+        sync()
+        start = time.perf_counter()
+        call(inputs)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
+
+
+def profile_archive(*, archive_path: Path, program: ExportedProgram, model_name: str,
+                    backend_id: str, device: str) -> dict[str, Any]:
+    """``{eager_ms, compiled_ms, speedup, runs}`` on the example inputs."""
+    index = torch.device(device).index
+    contents = load_pt2(str(archive_path), device_index=index if index is not None else -1)
+    runner = contents.aoti_runners[delegate_name(model_name, backend_id)]
+    # A private copy on the device: the eager side may mutate its buffers.
+    moved, flat = to_device(copy.deepcopy(program), flat_example_inputs(program), device)
+    module = moved.module()
+    in_spec = program.call_spec.in_spec
+
+    def eager(inputs: list[Any]) -> Any:
+        args, kwargs = pytree.tree_unflatten(inputs, in_spec)
+        return module(*args, **kwargs)
+
+    def compiled(inputs: list[Any]) -> Any:
+        return runner.loader.run([x for x in inputs if isinstance(x, torch.Tensor)])
+
+    sync = _timer(device)
+    with torch.no_grad():
+        for _ in range(WARMUP_RUNS):
+            eager(_clone(flat))
+            compiled(_clone(flat))
+        one_call_s = max(_median_ms(eager, flat, 1, sync), _median_ms(compiled, flat, 1, sync))
+        runs = max(MIN_RUNS, min(MAX_RUNS, int(BUDGET_S * 1000.0 / max(one_call_s, 1e-3))))
+        eager_ms = _median_ms(eager, flat, runs, sync)
+        compiled_ms = _median_ms(compiled, flat, runs, sync)
+    # Significant digits, not decimals: a small program's compiled call takes microseconds.
+    profile = {"eager_ms": float(f"{eager_ms:.4g}"), "compiled_ms": float(f"{compiled_ms:.4g}"),
+               "speedup": float(f"{eager_ms / compiled_ms:.4g}") if compiled_ms > 0 else None,
+               "runs": runs}
+    log.info("profile: eager %.3f ms, compiled %.3f ms (median of %d)", eager_ms,
+             compiled_ms, runs)
+    return profile
