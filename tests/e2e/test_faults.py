@@ -209,7 +209,8 @@ def test_timeout_then_restart_keeps_jobs_and_preloads(
 def test_failure_inside_torch_is_a_failed_job(
     client: httpx.Client, server: Server, programs: Path
 ) -> None:
-    response = submit(client, programs / "masked_mean.pt2", wait=600, model_name="masked")
+    # Output rows = a product of two data-dependent counts: the delegate cannot express it.
+    response = submit(client, programs / "masked_outer.pt2", wait=600, model_name="masked")
     error = failed_job(response)["error"]
     assert error["code"] == "lowering_failed", error
     assert error["detail"]["exception_type"] in error["message"]
