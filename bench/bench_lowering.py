@@ -10,6 +10,10 @@
 5. upload:    API process RSS rise while a 1 GiB upload streams in. Target < 64 MB.
 6. sandbox:   the same distinct models through LOWERING_SANDBOX=required and =off servers,
               alternating: what the sandbox costs per job (info, no target).
+7. weights:   programs with ~10 MB, ~100 MB and ~1 GB of weights (--weights-mb), each
+              through the plain way and the service: end-to-end time, worker peak RSS
+              (target <= 2.5x the weights), API RSS rise (< 64 MB: it never holds an upload
+              or an archive) and archive size (target <= 1.10x the upload).
 
 Every upload is a program generated here with its own seed (bench/gen_programs.py), so no
 two share a sha256 and the result cache can only hit where figure 2 asks it to.
@@ -33,7 +37,7 @@ from figures import Distinct, Row
 from gen_programs import KINDS
 from harness import generate, plain_once, serve
 
-FIGURES = ("distinct", "identical", "parallel", "latency", "upload", "sandbox")
+FIGURES = ("distinct", "identical", "parallel", "latency", "upload", "sandbox", "weights")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +52,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cores", type=int, default=2, help="pin the run to this many cores")
     parser.add_argument("--upload-mib", type=int, default=1024)
+    parser.add_argument("--weights-mb", help="weight sizes of the weights figure, MB "
+                        "(default 10,100,1000; --quick 10,100)")
     parser.add_argument("--seed", type=int, help="first program seed (default: from the clock)")
     parser.add_argument("--plain-cache-dir", type=Path,
                         help="the plain way's inductor cache (default: a temp dir, warmed once)")
@@ -57,6 +63,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.only.add("distinct")  # it compares with the plain median and reuses its uploads
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.parallel = args.parallel or (4 if args.quick else 8)
+    args.weights_mb = [int(mb) for mb in (args.weights_mb
+                                          or ("10,100" if args.quick else "10,100,1000")
+                                          ).split(",")]
     return args
 
 
@@ -124,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lowering-bench-") as tmp_name:
         tmp = Path(tmp_name)
         programs = Programs(tmp / "programs", args.seed or int(time.time()) % 100_000 * 1000)
-        warmup = programs.take(1) if "distinct" in args.only else []
+        warmup = programs.take(1) if args.only & {"distinct", "weights"} else []
         distinct = programs.take(args.rounds * len(KINDS)) if "distinct" in args.only else []
         busy = programs.take(2 * args.workers) if "latency" in args.only else []
         par = programs.take(2 * args.parallel) if "parallel" in args.only else []
         boxed = programs.take(args.rounds * len(KINDS)) if "sandbox" in args.only else []
+        heavy = ([p for mb in args.weights_mb for p in programs.take(1, (f"w{mb}",))]
+                 if "weights" in args.only else [])
         started = time.perf_counter()
         generate(programs.out_dir, programs.specs)
         print(f"generated {len(programs.specs)} programs in {time.perf_counter() - started:.0f} s",
@@ -155,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows += _guard("parallel", lambda: figures.parallel(server, par[:half], par[half:]))
             if "upload" in args.only:
                 rows += _guard("upload", lambda: figures.upload(server, args.upload_mib * 2**20))
+            if "weights" in args.only:
+                (tmp / "plain-heavy").mkdir()
+                rows += _guard("weights", lambda: figures.weights(
+                    server, heavy, plain_cache, tmp / "plain-heavy"))
             if "sandbox" in args.only:
                 off_env = {**extra, "LOWERING_SANDBOX": "off"}
                 with serve(tmp / "data-off", workers=args.workers, extra_env=off_env) as off:

@@ -12,7 +12,15 @@ from typing import Any
 
 import httpx
 import psutil
-from harness import JOB_TIMEOUT_S, RssSampler, Server, plain_once, submit, wait_final
+from harness import (
+    JOB_TIMEOUT_S,
+    RssSampler,
+    Server,
+    plain_measured,
+    plain_once,
+    submit,
+    wait_final,
+)
 
 WAIT_S = JOB_TIMEOUT_S
 MiB = 1 << 20
@@ -224,3 +232,43 @@ def sandbox_cost(sandboxed: Server, unsandboxed: Server, programs: list[Path]) -
             Row("sandbox cost per job (median difference)",
                 f"{statistics.median(a - b for a, b in zip(on_s, off_s, strict=True)):+.2f} s",
                 "info", "-")]
+
+
+def weights(server: Server, programs: list[Path], plain_cache: Path, out_dir: Path
+            ) -> list[Row]:
+    """Cost as the weights grow: each program through the plain way and the service, with
+    end-to-end time, the worker's and the API's peak RSS, and the archive's size."""
+    rows: list[Row] = []
+    with server.client() as client:
+        for program in programs:
+            name = program.stem.split("_")[0]  # w10, w100, w1000
+            upload = program.stat().st_size
+            plain_out = out_dir / f"{program.stem}.pt2"
+            plain_s, plain_rss = plain_measured(program, plain_out, plain_cache)
+            plain_size = plain_out.stat().st_size
+            plain_out.unlink()
+            api = psutil.Process(server.pid)
+            before = api.memory_info().rss
+            with RssSampler(server.pid) as rss:
+                service_s, response = _timed_submit(client, program, bypass=True)
+            job = client.get(f"/v1/lowerings/{response.headers['x-lowering-id']}").json()
+            worker_rss = (job.get("resources") or {}).get("peak_rss_bytes") or 0
+            archive = len(response.content)
+            print(f"  {program.name}: upload {upload / MB:.0f} MB; plain {plain_s:.1f} s, "
+                  f"peak RSS {plain_rss / MB:.0f} MB, archive {plain_size / MB:.0f} MB; service "
+                  f"{service_s:.1f} s, worker peak RSS {worker_rss / MB:.0f} MB, API rise "
+                  f"{(rss.peak - before) / MB:.1f} MB, archive {archive / MB:.0f} MB", flush=True)
+            rows += [
+                Row(f"{name}: end to end, service / plain",
+                    f"{service_s / plain_s:.2f} ({service_s:.1f} s / {plain_s:.1f} s)", "info",
+                    "-"),
+                Row(f"{name}: worker peak RSS / weights (plain)",
+                    f"{worker_rss / upload:.2f}x ({plain_rss / upload:.2f}x)", "<= 2.5x",
+                    _verdict(0 < worker_rss <= 2.5 * upload)),
+                Row(f"{name}: API RSS rise", f"{(rss.peak - before) / MB:.1f} MB", "< 64 MB",
+                    _verdict(rss.peak - before < 64 * MB)),
+                Row(f"{name}: archive / upload (plain)",
+                    f"{archive / upload:.2f}x ({plain_size / upload:.2f}x)", "<= 1.10x",
+                    _verdict(archive <= 1.10 * upload)),
+            ]
+    return rows

@@ -5,7 +5,8 @@ seeds never share a sha256 (no result-cache hit) and rarely share kernels.
 
     python bench/gen_programs.py OUTDIR KIND:SEED [KIND:SEED ...]
 
-writes OUTDIR/{KIND}_s{SEED}.pt2 for each. KIND: mlp, conv, dynamic (dynamic batch).
+writes OUTDIR/{KIND}_s{SEED}.pt2 for each. KIND: mlp, conv, dynamic (dynamic batch), or
+wN: a stack of square Linear layers holding about N MB of float32 weights (w10, w100, w1000).
 """
 
 from __future__ import annotations
@@ -60,6 +61,32 @@ def _dynamic(seed: int) -> ExportedProgram:
                                dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
 
 
+class _Heavy(nn.Module):
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def weight_shape(megabytes: int) -> tuple[int, int]:
+    """(width, layers) of a stack holding about ``megabytes`` MB of float32 weights: few
+    wide layers, so the compile stays small while the weights grow."""
+    layers = max(1, megabytes // 256)
+    width = int((megabytes * 1_000_000 / 4 / layers) ** 0.5)
+    return width, layers
+
+
+def _weights(seed: int, megabytes: int) -> ExportedProgram:
+    width, layers = weight_shape(megabytes)
+    with torch.no_grad():
+        module = _Heavy(width + seed % 7, layers).eval()
+    return torch.export.export(module, (torch.randn(1, width + seed % 7),))
+
+
 BUILDERS: dict[str, Callable[[int], ExportedProgram]] = {
     "mlp": _mlp, "conv": _conv, "dynamic": _dynamic,
 }
@@ -68,7 +95,11 @@ BUILDERS: dict[str, Callable[[int], ExportedProgram]] = {
 def save_program(kind: str, seed: int, out_dir: Path) -> Path:
     torch.manual_seed(seed)
     path = out_dir / f"{kind}_s{seed}.pt2"
-    torch.export.save(BUILDERS[kind](seed), str(path))
+    if kind.startswith("w") and kind[1:].isdigit():
+        program = _weights(seed, int(kind[1:]))
+    else:
+        program = BUILDERS[kind](seed)
+    torch.export.save(program, str(path))
     return path
 
 

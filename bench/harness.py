@@ -56,6 +56,19 @@ def plain_once(program: Path, out: Path, cache_dir: Path) -> float:
     return time.perf_counter() - started
 
 
+def plain_measured(program: Path, out: Path, cache_dir: Path) -> tuple[float, int]:
+    """``plain_once`` with the plain process's peak RSS sampled: (seconds, bytes)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", PLAIN, str(program), str(out), program.stem],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with RssSampler(proc.pid) as rss:
+        _, err = proc.communicate(timeout=JOB_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise RuntimeError(f"plain way failed on {program.name}: {err.decode()[-500:]}")
+    return time.perf_counter() - started, rss.peak
+
+
 @dataclass
 class Server:
     """A running service: its URL, its API process id and how long it took to be ready."""
@@ -162,7 +175,10 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.NoSuchProcess:  # it ended between two samples
+                return
             self.samples += 1
             self._stop.wait(self.interval_s)
 

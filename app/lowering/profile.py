@@ -57,14 +57,31 @@ def _median_ms(call: Callable[[list[Any]], Any], flat: list[Any], runs: int,
     return statistics.median(times) * 1000.0
 
 
+def _mutates(program: ExportedProgram) -> bool:
+    """Might running the program change its state? (torch 2.13 graphs keep in-place ops, so
+    the signature's mutation lists are not enough.) Anything unknown counts as yes."""
+    signature = program.graph_signature
+    if signature.buffers_to_mutate or signature.user_inputs_to_mutate:
+        return True
+    for node in program.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "__module__", "") == "_operator":
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or schema.is_mutable:
+            return True
+    return False
+
+
 def profile_archive(*, archive_path: Path, program: ExportedProgram, model_name: str,
                     backend_id: str, device: str) -> dict[str, Any]:
     """``{eager_ms, compiled_ms, speedup, runs}`` on the example inputs."""
     index = torch.device(device).index
     contents = load_pt2(str(archive_path), device_index=index if index is not None else -1)
     runner = contents.aoti_runners[delegate_name(model_name, backend_id)]
-    # A private copy on the device: the eager side may mutate its buffers.
-    moved, flat = to_device(copy.deepcopy(program), flat_example_inputs(program), device)
+    # The original is packaged after this: a program that mutates its buffers runs on a
+    # private copy; any other shares the original's weights (no second copy in memory).
+    source = copy.deepcopy(program) if _mutates(program) else program
+    moved, flat = to_device(source, flat_example_inputs(program), device)
     module = moved.module()
     in_spec = program.call_spec.in_spec
 
