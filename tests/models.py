@@ -406,6 +406,27 @@ BUILDERS["masked_outer"] = _masked_outer
 MODEL_NAMES = tuple(BUILDERS)
 
 
+class _Heavy(nn.Module):
+    """~32 MB of float32 weights over little compute: what issue 9's archive size is about."""
+
+    def __init__(self, layers: int = 8, width: int = 1024) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def _heavy() -> ExportedProgram:
+    return torch.export.export(_Heavy().eval(), (torch.randn(2, 1024),),
+                               dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
+
+
+BUILDERS["heavy"] = _heavy
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 1:
         print("usage: python -m tests.models OUTDIR [NAME...]", file=sys.stderr)

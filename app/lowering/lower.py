@@ -149,6 +149,19 @@ def flat_dynamic_shapes(ep: ExportedProgram) -> list[DimSpec]:
     return specs
 
 
+FLAT_PREFIX = "original_module."
+"""_FlattenedModule holds the program as ``original_module``, so the compiled runner
+names each constant ``original_module.<the program's own name>``."""
+
+
+def constant_sources(ep: ExportedProgram) -> dict[str, str]:
+    """Runner constant name -> the name of the program's tensor that holds it, for every
+    parameter, buffer and lifted tensor constant of ``ep`` (see package.bind_constants)."""
+    tensors = {**ep.state_dict, **ep.constants}
+    return {FLAT_PREFIX + name: name for name, value in tensors.items()
+            if isinstance(value, torch.Tensor)}
+
+
 class _FlattenedModule(torch.nn.Module):
     def __init__(self, ep: ExportedProgram) -> None:
         super().__init__()
@@ -252,9 +265,14 @@ def to_device(
 
 
 def lower_program(
-    ep: ExportedProgram, *, model_name: str, backend_id: str, device: str, options: dict[str, Any]
+    ep: ExportedProgram, *, model_name: str, backend_id: str, device: str, options: dict[str, Any],
+    package_constants_in_so: bool = False,
 ) -> tuple[ExportedProgram, list[Any]]:
-    """Compile ``ep`` (which this mutates: pass a copy) and build its delegate program."""
+    """Compile ``ep`` (which this mutates: pass a copy) and build its delegate program.
+
+    ``package_constants_in_so=False`` (the default) leaves the weights out of the .so:
+    the runner then takes them from the original program (package.bind_constants).
+    """
     out_spec = ep.call_spec.out_spec
     in_spec = ep.call_spec.in_spec
     flat_shapes = flat_dynamic_shapes(ep)
@@ -275,7 +293,8 @@ def lower_program(
     aoti_files = torch._inductor.aot_compile(
         flat_ep.module(),
         tuple(flat_inputs),
-        options={**options, "aot_inductor.package": True},
+        options={**options, "aot_inductor.package": True,
+                 "aot_inductor.package_constants_in_so": package_constants_in_so},
     )
     if not isinstance(aoti_files, list):
         raise TypeError(f"aot_compile returned {type(aoti_files).__name__}, expected a list")

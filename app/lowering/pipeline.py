@@ -17,8 +17,8 @@ from app.constants import ErrorCode, Phase
 from app.errors import JobError
 from app.jobs import failures
 from app.lowering.load import load_program
-from app.lowering.lower import lower_program
-from app.lowering.package import write_archive
+from app.lowering.lower import constant_sources, lower_program
+from app.lowering.package import LOAD_HINT, WEIGHTS_MODES, write_archive
 from app.lowering.profile import profile_archive
 from app.lowering.toolchain import probe_toolchain
 from app.lowering.verify import verify_archive
@@ -118,7 +118,15 @@ def run_lowering(
     provenance: dict[str, Any],
     on_phase: Callable[[str], None] = lambda phase: None,
     max_artifact_bytes: int | None = None,
+    weights: str = "embedded",
 ) -> LoweringResult:
+    """``weights``: "shared" stores them once, in the original program, and the
+    delegate's .so takes them from there at load (package.load_runner); "embedded"
+    compiles them into the .so as well (a self-contained runner, an archive twice the
+    weights' size)."""
+    if weights not in WEIGHTS_MODES:
+        raise ValueError(f"weights must be one of {WEIGHTS_MODES}, not {weights!r}")
+    shared = weights == "shared"
     program_path, out_path = Path(program_path), Path(out_path)
     result = LoweringResult(toolchain={**probe_toolchain(options), "device": device})
     timings = result.timings
@@ -135,19 +143,22 @@ def run_lowering(
     with _phase(Phase.LOWER, timings, on_phase):
         _check_device(device)
         delegate, aoti_files = lower_program(
-            to_lower, model_name=model_name, backend_id=backend_id, device=device, options=options
+            to_lower, model_name=model_name, backend_id=backend_id, device=device, options=options,
+            package_constants_in_so=not shared,
         )
 
     def record() -> dict[str, Any]:
         return {**provenance, "model_name": model_name, "backend_id": backend_id,
                 "device": device, "options": dict(options), "toolchain": result.toolchain,
+                "weights": {"mode": weights, **({"load": LOAD_HINT} if shared else {})},
                 "verification": result.verification, "profile": result.profile,
                 "timings": dict(timings)}
 
     def package(path: Path) -> None:
         write_archive(path, model_name=model_name, backend_id=backend_id, original=original,
                       delegate=delegate, aoti_files=aoti_files, provenance=record(),
-                      max_bytes=max_artifact_bytes, extra_files=extra_files)
+                      max_bytes=max_artifact_bytes, extra_files=extra_files,
+                      constants_map=constant_sources(original) if shared else None)
 
     if not verify:
         with _phase(Phase.PACKAGE, timings, on_phase):
@@ -168,8 +179,12 @@ def run_lowering(
         if not result.verification["passed"]:
             raise JobError(ErrorCode.VERIFICATION_FAILED, _failure_message(result.verification),
                            detail=result.verification)
-        result.profile = _profile(draft, original, model_name, backend_id, device, timings,
-                                  on_phase)
+        # profile.py runs the runner from a plain load_pt2; a shared runner has no
+        # constants there (SIGSEGV), so it is profiled only once profile.py loads
+        # through package.load_runner.
+        if not shared:
+            result.profile = _profile(draft, original, model_name, backend_id, device,
+                                      timings, on_phase)
         with _phase(Phase.PACKAGE, timings, lambda _: None):
             package(out_path)
     finally:

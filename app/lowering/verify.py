@@ -1,8 +1,10 @@
 """Running the packaged AOTInductor runner against the original program.
 
-Cases: the example inputs, then for each dynamic dimension symbol one other
-size inside its range (others kept at their example sizes), so a runner that
-was specialised to the example sizes cannot pass.
+The runner is loaded the way a consumer loads it (package.load_runner): when the
+archive shares its weights, its constants come from the archive's data/weights/, not
+from the program in memory. Cases: the example inputs, then for each dynamic
+dimension symbol one other size inside its range (others kept at their example
+sizes), so a runner that was specialised to the example sizes cannot pass.
 
 The report never carries a value the compiled code computed (an out-of-bounds
 read returns heap words): only which outputs (flat index) mismatched, shapes,
@@ -30,7 +32,7 @@ from app.lowering.lower import (
     symbol_ranges,
     symbolic_dims,
 )
-from app.lowering.package import delegate_name
+from app.lowering.package import bind_constants
 
 log = logging.getLogger("app.lowering")
 
@@ -177,9 +179,12 @@ def verify_archive(
     rtol: float,
     atol: float,
 ) -> dict[str, Any]:
+    # The consumer's load path (package.load_runner): load_pt2, then (weights shared)
+    # the runner's constants bound from the archive's copy of the original's weights.
     index = torch.device(device).index
     contents = load_pt2(str(archive_path), device_index=index if index is not None else -1)
-    runner = contents.aoti_runners[delegate_name(model_name, backend_id)]
+    runner = bind_constants(contents, model_name=model_name, backend_id=backend_id,
+                            device=device)
     # Buffer-mutating programs change state on every call, so the reference is
     # a private copy that sees exactly the same call sequence as the runner.
     ref_program = copy.deepcopy(program)
