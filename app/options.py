@@ -35,6 +35,7 @@ class OptionSpec:
         return out
 
 
+EMBED_OPTION = "aot_inductor.package_constants_in_so"
 ALLOWED_OPTIONS: dict[str, OptionSpec] = {
     "cpp.march": OptionSpec(
         str,
@@ -47,6 +48,10 @@ ALLOWED_OPTIONS: dict[str, OptionSpec] = {
     "freezing": OptionSpec(bool, "Fold weights into the graph as constants."),
     "epilogue_fusion": OptionSpec(bool, "Fuse pointwise ops into matmul epilogues."),
     "aot_inductor.debug_compile": OptionSpec(bool, "Compile with debug info (-g)."),
+    EMBED_OPTION: OptionSpec(
+        bool, "Also compile the weights into the delegate's .so: a self-contained runner, "
+        "an archive about twice the weights. Default false: weights stored once, bound "
+        "to the runner at load (see provenance.json weights.load)."),
     "aot_inductor.compile_wrapper_opt_level": OptionSpec(
         str, "Optimisation level of the C++ wrapper.", ("O0", "O1", "O2", "O3")
     ),

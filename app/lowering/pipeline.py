@@ -22,6 +22,7 @@ from app.lowering.package import LOAD_HINT, WEIGHTS_MODES, write_archive
 from app.lowering.profile import profile_archive
 from app.lowering.toolchain import probe_toolchain
 from app.lowering.verify import verify_archive
+from app.options import EMBED_OPTION
 
 log = logging.getLogger("app.lowering")
 
@@ -118,12 +119,15 @@ def run_lowering(
     provenance: dict[str, Any],
     on_phase: Callable[[str], None] = lambda phase: None,
     max_artifact_bytes: int | None = None,
-    weights: str = "embedded",
+    weights: str | None = None,
 ) -> LoweringResult:
-    """``weights``: "shared" stores them once, in the original program, and the
-    delegate's .so takes them from there at load (package.load_runner); "embedded"
+    """``weights``: "shared" (the default) stores them once, in the original program, and
+    the delegate's .so takes them from there at load (package.load_runner); "embedded"
     compiles them into the .so as well (a self-contained runner, an archive twice the
-    weights' size)."""
+    weights' size). Unset, the job's option ``aot_inductor.package_constants_in_so``
+    decides (true: embedded)."""
+    if weights is None:
+        weights = "embedded" if options.get(EMBED_OPTION) else "shared"
     if weights not in WEIGHTS_MODES:
         raise ValueError(f"weights must be one of {WEIGHTS_MODES}, not {weights!r}")
     shared = weights == "shared"
@@ -179,12 +183,8 @@ def run_lowering(
         if not result.verification["passed"]:
             raise JobError(ErrorCode.VERIFICATION_FAILED, _failure_message(result.verification),
                            detail=result.verification)
-        # profile.py runs the runner from a plain load_pt2; a shared runner has no
-        # constants there (SIGSEGV), so it is profiled only once profile.py loads
-        # through package.load_runner.
-        if not shared:
-            result.profile = _profile(draft, original, model_name, backend_id, device,
-                                      timings, on_phase)
+        result.profile = _profile(draft, original, model_name, backend_id, device, timings,
+                                  on_phase)
         with _phase(Phase.PACKAGE, timings, lambda _: None):
             package(out_path)
     finally:

@@ -21,10 +21,9 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
-from torch.export.pt2_archive._package import load_pt2
 
 from app.lowering.lower import flat_example_inputs, to_device
-from app.lowering.package import delegate_name
+from app.lowering.package import load_runner
 
 log = logging.getLogger("app.lowering")
 WARMUP_RUNS = 2
@@ -75,9 +74,10 @@ def _mutates(program: ExportedProgram) -> bool:
 def profile_archive(*, archive_path: Path, program: ExportedProgram, model_name: str,
                     backend_id: str, device: str) -> dict[str, Any]:
     """``{eager_ms, compiled_ms, speedup, runs}`` on the example inputs."""
-    index = torch.device(device).index
-    contents = load_pt2(str(archive_path), device_index=index if index is not None else -1)
-    runner = contents.aoti_runners[delegate_name(model_name, backend_id)]
+    # As a consumer loads it: a runner whose weights live in the original program gets
+    # them bound first (package.load_runner), a self-contained one is used as is.
+    runner = load_runner(archive_path, model_name=model_name, backend_id=backend_id,
+                         device=device)
     # The original is packaged after this: a program that mutates its buffers runs on a
     # private copy; any other shares the original's weights (no second copy in memory).
     source = copy.deepcopy(program) if _mutates(program) else program

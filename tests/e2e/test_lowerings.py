@@ -130,8 +130,10 @@ def test_dynamic_batch_is_right_at_every_size(
     torch = pytest.importorskip("torch")
     from torch.export.pt2_archive._package import load_pt2
 
+    from app.lowering.package import bind_constants
+
     package = load_pt2(str(archive))
-    runner = package.aoti_runners["dyn-aoti"]
+    runner = bind_constants(package, model_name="dyn", backend_id="aoti")
     original = torch.export.load(str(programs / "dynamic.pt2")).module()
     for batch in (1, 7, 33):
         x = torch.randn(batch, 16)

@@ -24,6 +24,7 @@ from torch.export.pt2_archive._package import load_pt2
 from app.constants import ErrorCode
 from app.errors import JobError
 from app.lowering import LoweringResult, probe_toolchain, run_lowering, verify_archive
+from app.lowering.package import bind_constants, load_runner
 from tests.leaks import assert_no_values, leaked_numbers
 from tests.models import export_model, save_model
 
@@ -87,7 +88,7 @@ def test_dynamic_model_keeps_its_batch_dimension(dynamic_lowered) -> None:
     delegate = contents.exported_programs["dynamic-aoti"]
     (vr,) = delegate.range_constraints.values()
     assert (int(vr.lower), int(vr.upper)) == (1, 64)
-    runner = contents.aoti_runners["dynamic-aoti"]
+    runner = bind_constants(contents, model_name="dynamic", backend_id="aoti")
     reference = export_model("dynamic").module()
     for batch in (4, 7):
         x = torch.randn(batch, 16)
@@ -165,7 +166,7 @@ def test_derived_dims_lower_and_verify_at_other_sizes(tmp_path: Path) -> None:
                       if sym.is_Symbol)
 
     assert ranges(delegate) == ranges(export_model("derived"))
-    runner = contents.aoti_runners["derived-aoti"]
+    runner = bind_constants(contents, model_name="derived", backend_id="aoti")
     reference = export_model("derived").module()
     for batch, seq in [(1, 2), (7, 9), (32, 16), (3, 5)]:
         inputs = [torch.randn(batch, 8), torch.randn(2 * batch, 8), torch.randn(2 * seq, 8)]
@@ -221,7 +222,8 @@ def test_counter_original_is_packaged_untouched(counter_lowered) -> None:
     assert not packaged.state_dict["steps"].requires_grad
     # The runner starts from the same state: its first call adds 1.
     x = torch.zeros(2, 8)
-    (got,) = contents.aoti_runners["counter-aoti"].loader.run([x])
+    (got,) = bind_constants(contents, model_name="counter",
+                            backend_id="aoti").loader.run([x])
     torch.testing.assert_close(got, torch.ones(2, 8))
 
 
@@ -267,7 +269,8 @@ def test_nested_dict_io_without_verification(tmp_path: Path) -> None:
     assert json.loads(contents.extra_files["provenance.json"])["verification"] is None
     ep = export_model("dict_io")
     args, kwargs = ep.example_inputs
-    got = contents.aoti_runners["dict_io-aoti"].loader.run(pytree.tree_leaves((args, kwargs)))
+    got = bind_constants(contents, model_name="dict_io",
+                         backend_id="aoti").loader.run(pytree.tree_leaves((args, kwargs)))
     expected = pytree.tree_leaves(ep.module()(*args, **kwargs))
     assert len(got) == len(expected) == 3
     for g, e in zip(got, expected, strict=True):
@@ -304,9 +307,12 @@ def test_extra_files_are_carried_into_the_archive_unchanged(tmp_path: Path) -> N
     carried = _extra_members(out)
     provenance = json.loads(carried.pop("provenance.json"))
     assert provenance["lowering_id"] == "t-extras"
+    # The lowering's own second file: how the runner's constants map onto the weights.
+    assert json.loads(carried.pop("aoti_constants.json"))["program"] == "m"
     assert carried == _extra_members(saved) == {k: v.encode() for k, v in EXTRAS.items()}
     contents = load_pt2(str(out))
-    assert {k: v for k, v in contents.extra_files.items() if k != "provenance.json"} == EXTRAS
+    ours = {"provenance.json", "aoti_constants.json"}
+    assert {k: v for k, v in contents.extra_files.items() if k not in ours} == EXTRAS
 
 
 def test_extra_file_named_like_the_provenance_is_refused(tmp_path: Path) -> None:
@@ -379,7 +385,7 @@ def test_unknown_pytree_type_names_the_module_to_preload(tmp_path: Path) -> None
 
 def _delegate_matches_original(out: Path, name: str, inputs: list[list[torch.Tensor]]) -> None:
     """The packaged runner equals the original program on every input list (new data)."""
-    runner = load_pt2(str(out)).aoti_runners[f"{name}-aoti"]
+    runner = load_runner(out, model_name=name, backend_id="aoti", device="cpu")
     reference = export_model(name).module()
     for flat in inputs:
         got = runner.loader.run(flat)
@@ -422,7 +428,8 @@ def test_rows_chosen_by_the_data_reach_the_output_and_lower(tmp_path: Path) -> N
         x[selected:, 0] *= -1
         inputs.append([x])
     _delegate_matches_original(out, "masked_rows", inputs)
-    rows = [tuple(load_pt2(str(out)).aoti_runners["masked_rows-aoti"].loader.run(flat)[0].shape)
+    rows = [tuple(load_runner(out, model_name="masked_rows", backend_id="aoti",
+                                     device="cpu").loader.run(flat)[0].shape)
             for flat in inputs]
     assert rows == [(0, 4), (1, 4), (5, 4), (6, 4)]
 
