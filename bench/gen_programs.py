@@ -19,6 +19,9 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.models import Heavy  # noqa: E402  (the repository root, when run as a script)
+
 KINDS = ("mlp", "conv", "dynamic")
 
 
@@ -61,17 +64,6 @@ def _dynamic(seed: int) -> ExportedProgram:
                                dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
 
 
-class _Heavy(nn.Module):
-    def __init__(self, width: int, layers: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-
 def weight_shape(megabytes: int) -> tuple[int, int]:
     """(width, layers) of a stack holding about ``megabytes`` MB of float32 weights: few
     wide layers, so the compile stays small while the weights grow."""
@@ -83,7 +75,7 @@ def weight_shape(megabytes: int) -> tuple[int, int]:
 def _weights(seed: int, megabytes: int) -> ExportedProgram:
     width, layers = weight_shape(megabytes)
     with torch.no_grad():
-        module = _Heavy(width + seed % 7, layers).eval()
+        module = Heavy(layers=layers, width=width + seed % 7).eval()
     return torch.export.export(module, (torch.randn(1, width + seed % 7),))
 
 

@@ -406,7 +406,7 @@ BUILDERS["masked_outer"] = _masked_outer
 MODEL_NAMES = tuple(BUILDERS)
 
 
-class _Heavy(nn.Module):
+class Heavy(nn.Module):
     """~32 MB of float32 weights over little compute: what issue 9's archive size is about."""
 
     def __init__(self, layers: int = 8, width: int = 1024) -> None:
@@ -420,7 +420,7 @@ class _Heavy(nn.Module):
 
 
 def _heavy() -> ExportedProgram:
-    return torch.export.export(_Heavy().eval(), (torch.randn(2, 1024),),
+    return torch.export.export(Heavy().eval(), (torch.randn(2, 1024),),
                                dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
 
 
