@@ -32,9 +32,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, Engine, MetaData, event, inspect, make_url, text
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, inspect, make_url, text
 
-from app.jobs.store import make_engine
+from app.jobs.store import make_engine, retry_busy
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BASELINE = "0001"
@@ -107,7 +107,13 @@ def _stamp_legacy(conn: Connection, config: Config, url: str) -> None:
 
 def _locking_engine(url: str) -> Engine:
     """An engine whose transactions are one-migrator-at-a-time and include the DDL."""
-    engine = make_engine(url)
+    if not url.startswith("sqlite"):
+        return make_engine(url)
+    # Not make_engine's: its connect hook switches the database to WAL, and that switch,
+    # run by several migrators at once on a database still in rollback-journal mode, can
+    # answer "database is locked" at once instead of waiting (seen under load in CI).
+    # The service's own engine makes the switch later, alone.
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
     if engine.dialect.name == "sqlite":
         # pysqlite opens transactions lazily and runs DDL outside them; take the
         # database's write lock up front instead, so the migration is atomic and a second
@@ -123,6 +129,7 @@ def _locking_engine(url: str) -> Engine:
     return engine
 
 
+@retry_busy  # a lock SQLite refuses at once (not after its busy timeout) is tried again
 def upgrade(url: str, *, to: str = "head") -> None:
     """Bring the database to ``to`` (the newest revision unless a test asks for an older
     one) in one transaction, one migrator at a time."""
