@@ -24,7 +24,6 @@ import sympy
 import torch
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
-from torch.export.pt2_archive._package import load_pt2
 
 from app.lowering.lower import (
     affine_in_one_symbol,
@@ -32,7 +31,7 @@ from app.lowering.lower import (
     symbol_ranges,
     symbolic_dims,
 )
-from app.lowering.package import bind_constants
+from app.lowering.package import load_runner
 
 log = logging.getLogger("app.lowering")
 
@@ -179,12 +178,10 @@ def verify_archive(
     rtol: float,
     atol: float,
 ) -> dict[str, Any]:
-    # The consumer's load path (package.load_runner): load_pt2, then (weights shared)
-    # the runner's constants bound from the archive's copy of the original's weights.
-    index = torch.device(device).index
-    contents = load_pt2(str(archive_path), device_index=index if index is not None else -1)
-    runner = bind_constants(contents, model_name=model_name, backend_id=backend_id,
-                            device=device)
+    # The consumer's load path: load_pt2, then (weights shared) the runner's constants
+    # bound from the archive's copy of the original's weights.
+    runner = load_runner(archive_path, model_name=model_name, backend_id=backend_id,
+                         device=device)
     # Buffer-mutating programs change state on every call, so the reference is
     # a private copy that sees exactly the same call sequence as the runner.
     ref_program = copy.deepcopy(program)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from app.lowering import verify as verify_module
+from app.lowering import package as package_module
 from app.lowering.pipeline import _failure_message
 from app.lowering.verify import error_bucket, verify_archive
 from tests.leaks import PLANTED, assert_no_values, leaked_numbers
@@ -60,7 +60,7 @@ def _verify(monkeypatch: pytest.MonkeyPatch, program: Any, mode: str, rtol: floa
     loader = _Loader(mode)
     loader.reference = program.module()
     runner = SimpleNamespace(loader=loader)
-    monkeypatch.setattr(verify_module, "load_pt2",
+    monkeypatch.setattr(package_module, "load_pt2",
                         lambda *a, **k: SimpleNamespace(aoti_runners={"m-aoti": runner}))
     return verify_archive(archive_path=Path("unused.pt2"), program=program, model_name="m",
                           backend_id="aoti", device="cpu", rtol=rtol, atol=atol)
