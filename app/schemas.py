@@ -132,6 +132,10 @@ class LoweringPublic(BaseModel):
     cache_hit: bool = Field(False, description="served from an identical earlier lowering")
     coalesced_with: str | None = Field(
         None, description="id of the identical job this one waited on instead of compiling")
+    code_reused_from: str | None = Field(
+        None, description="id of the earlier job whose compiled code this one packaged "
+        "instead of compiling: the same program structure with other weight values; "
+        "the archive is still verified in full with this job's weights")
     resources: dict[str, Any] | None = Field(
         None, description="worker cpu_s, children_cpu_s (g++), peak_rss_bytes")
     profile: Profile | None = Field(

@@ -11,6 +11,7 @@ opens without following links, checks as a pt2 zip and copies into the store.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import queue
@@ -33,7 +34,9 @@ from app.sandbox.child import ARTIFACT_NAME, INPUT_NAME
 from app.sandbox.process import SandboxedChild
 from app.settings import Settings
 from app.storage.base import ArtifactRef, ArtifactStore, LogStore, UploadStore
+from app.storage.compiled import COMPILED_DIR, NotReusable, take_compiled
 
+log = logging.getLogger("app.worker")
 MAX_MESSAGE_CHARS = 2000
 MAX_DETAIL_CHARS = 64_000
 EXIT_GRACE_S = 15.0
@@ -62,6 +65,7 @@ class Outcome:
     error: JobError | None = None
     stopped: bool = False
     resources: dict[str, Any] | None = None
+    donor: str | None = None
 
 
 def run_job(job_id: str, child: SandboxedChild, ctx: JobContext, *,
@@ -78,8 +82,9 @@ def run_job(job_id: str, child: SandboxedChild, ctx: JobContext, *,
     ctx.logs.adopt(job_id, child.log_path)  # the child keeps writing to the same file
     outcome = Outcome()
     try:
-        _hand_over(job, child, ctx)
+        donor = _hand_over(job, child, ctx)
         outcome = _follow(job, child, ctx, stop)
+        outcome.donor = donor
     except JobError as exc:
         outcome.error = exc
     finally:
@@ -95,7 +100,8 @@ def run_job(job_id: str, child: SandboxedChild, ctx: JobContext, *,
     try:
         if outcome.error is None:
             assert outcome.result is not None
-            _succeed(job, child.scratch, outcome.result, resources, ctx)
+            _succeed(job, child.scratch, outcome.result, resources, ctx,
+                     donor=outcome.donor if outcome.result["code_reused"] else None)
             return "finished"
     except JobError as exc:
         outcome.error = exc
@@ -109,7 +115,7 @@ def run_job(job_id: str, child: SandboxedChild, ctx: JobContext, *,
 
 
 def _succeed(job: JobRecord, scratch: Path, result: dict[str, Any],
-             resources: dict[str, Any], ctx: JobContext) -> None:
+             resources: dict[str, Any], ctx: JobContext, *, donor: str | None) -> None:
     """Store the archive and commit the success; once more if a concurrent delete took
     the identical archive between the two."""
     for _ in range(2):
@@ -118,15 +124,17 @@ def _succeed(job: JobRecord, scratch: Path, result: dict[str, Any],
             ctx.lifecycle.succeed(job["id"], artifact=ref, timings=result["timings"],
                                   verification=result["verification"],
                                   toolchain=result["toolchain"], profile=result["profile"],
-                                  resources=resources)
+                                  resources=resources, code_reused_from=donor)
             return
         except ArtifactLost:
             continue
     raise JobError(ErrorCode.INTERNAL, "the archive was removed as it was stored; resubmit")
 
 
-def _hand_over(job: JobRecord, child: SandboxedChild, ctx: JobContext) -> None:
-    """Put the job's rebuilt upload into the child's scratch dir and send the spec."""
+def _hand_over(job: JobRecord, child: SandboxedChild, ctx: JobContext) -> str | None:
+    """Put the job's rebuilt upload into the child's scratch dir, and the compiled files
+    of an earlier job with the same code key if there is one, and send the spec; returns
+    that earlier job's id."""
     settings = ctx.settings
     try:
         ctx.uploads.materialize(job["id"], child.scratch / INPUT_NAME,
@@ -135,14 +143,42 @@ def _hand_over(job: JobRecord, child: SandboxedChild, ctx: JobContext) -> None:
         error = failures.error_for(exc)
         raise JobError(error.code, f"the upload could not be handed to the sandbox: "
                        f"{exc.strerror}") from exc
+    donor, compiled = _take_compiled(job, child.scratch, ctx)
     child.send({
         "job_id": job["id"], "model_name": job["model_name"], "backend_id": job["backend_id"],
         "device": job["device"], "options": job["options"], "verify": job["verify"],
         "rtol": job["rtol"], "atol": job["atol"],
         "max_artifact_bytes": settings.max_artifact_bytes, "cpu_s": settings.cpu_limit_s,
+        "compiled": compiled,
         "provenance": {"service": "lowering-service", "service_version": __version__,
-                       "job_id": job["id"], "input_sha256": job["input_sha256"]},
+                       "job_id": job["id"], "input_sha256": job["input_sha256"],
+                       "code_key": job["code_key"]},
     })
+    return donor
+
+
+def _take_compiled(job: JobRecord, scratch: Path,
+                   ctx: JobContext) -> tuple[str | None, list[str] | None]:
+    """(donor job id, file names under scratch/compiled/) from the newest earlier job with
+    this job's code key whose archive can give them; (None, None): compile afresh."""
+    for donor in ctx.lifecycle.code_donors(job):
+        sha = donor["artifact_sha256"]
+        location = ctx.artifacts.location(sha) if sha else None
+        if not isinstance(location, Path):
+            continue  # a remote store: not reused yet
+        dest = scratch / COMPILED_DIR
+        try:
+            names = take_compiled(location, delegate=f"{job['model_name']}-{job['backend_id']}",
+                                  dest=dest, max_bytes=ctx.settings.max_artifact_bytes)
+        except (NotReusable, OSError) as exc:
+            log.warning("job %s: compiled code of job %s not taken: %s", job["id"],
+                        donor["id"], exc)
+            shutil.rmtree(dest, ignore_errors=True)
+            continue
+        log.info("job %s: reusing the compiled code of job %s (%d files)", job["id"],
+                 donor["id"], len(names))
+        return donor["id"], names
+    return None, None
 
 
 def _follow(job: JobRecord, child: SandboxedChild, ctx: JobContext,
@@ -200,7 +236,8 @@ def _checked_result(raw: Any) -> dict[str, Any]:
              if isinstance(v, int | float) and math.isfinite(v)}
     return {"timings": clean, "verification": _bounded(finite(raw.get("verification"))),
             "toolchain": _bounded(finite(raw.get("toolchain"))),
-            "profile": _checked_profile(raw.get("profile"))}
+            "profile": _checked_profile(raw.get("profile")),
+            "code_reused": raw.get("code_reused") is True}
 
 
 def _checked_profile(raw: Any) -> dict[str, Any] | None:

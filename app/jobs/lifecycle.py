@@ -158,6 +158,14 @@ class JobLifecycle:
             return None
         return self.store.get(job_id)
 
+    def code_donors(self, job: JobRecord) -> list[JobRecord]:
+        """Succeeded jobs whose compiled files ``job`` may take instead of compiling (the
+        same code key), newest first; none when its code depends on weight values."""
+        key = job["code_key"]
+        if not key:
+            return []
+        return self.store.find_code_donors(code_key=key, exclude_id=job["id"])
+
     def progress(self, job_id: str, *, phase: Phase | None = None) -> bool:
         """Record the phase a running job reached; False means stop: it is no longer
         running (cancelled, deleted, or failed by a sweep)."""
@@ -169,7 +177,8 @@ class JobLifecycle:
     def succeed(self, job_id: str, *, artifact: ArtifactRef, timings: dict[str, float],
                 verification: dict[str, Any] | None, toolchain: dict[str, Any] | None,
                 resources: dict[str, Any] | None,
-                profile: dict[str, Any] | None = None) -> bool:
+                profile: dict[str, Any] | None = None,
+                code_reused_from: str | None = None) -> bool:
         """running -> succeeded with its stored archive. Raises ArtifactLost when a
         concurrent delete removed that archive first (the worker stores it again)."""
         with self._lock:
@@ -181,7 +190,7 @@ class JobLifecycle:
                 artifact_size_bytes=artifact.size_bytes,
                 timings={**(job["timings"] or {}), **timings},
                 verification=verification, toolchain=toolchain, profile=profile,
-                resources=resources)
+                resources=resources, code_reused_from=code_reused_from)
         if moved:
             self._finished(job_id)
         return moved

@@ -60,6 +60,10 @@ lowerings = Table(
     Column("cache_key", String(64)),
     Column("cache_hit", Boolean, nullable=False, default=False),
     Column("parent_id", String(32)),
+    # Compiled-code reuse: the key of the code this job compiles (cache_key.code_key; NULL
+    # when its code depends on weight values), and the job whose compiled files it took.
+    Column("code_key", String(64)),
+    Column("code_reused_from", String(32)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
@@ -67,4 +71,5 @@ lowerings = Table(
     Index("ix_lowerings_model_seq", "model_name", "seq"),
     Index("ix_lowerings_cache_key", "cache_key", "status"),
     Index("ix_lowerings_parent", "parent_id"),
+    Index("ix_lowerings_code_key", "code_key", "status"),
 )

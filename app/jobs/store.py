@@ -51,6 +51,8 @@ class JobFields(TypedDict, total=False):
     cache_key: str | None
     cache_hit: bool
     parent_id: str | None
+    code_key: str | None
+    code_reused_from: str | None
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
@@ -85,6 +87,8 @@ class JobRecord(TypedDict):
     cache_key: str | None
     cache_hit: bool
     parent_id: str | None
+    code_key: str | None
+    code_reused_from: str | None
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
@@ -287,6 +291,23 @@ class JobStore:
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return _as_job(row._mapping) if row is not None else None
+
+    @_as_service_errors
+    def find_code_donors(self, *, code_key: str, exclude_id: str,
+                         limit: int = 3) -> list[JobRecord]:
+        """The newest succeeded jobs with this code key and an archive, other than
+        ``exclude_id``: whose compiled files a job with the same key may take."""
+        query = (
+            select(lowerings)
+            .where(lowerings.c.code_key == code_key)
+            .where(lowerings.c.status == JobStatus.SUCCEEDED.value)
+            .where(lowerings.c.artifact_sha256.is_not(None))
+            .where(lowerings.c.id != exclude_id)
+            .order_by(lowerings.c.seq.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [_as_job(row._mapping) for row in conn.execute(query)]
 
     @_as_service_errors
     def children_of(self, parent_id: str) -> list[JobRecord]:

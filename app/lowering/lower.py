@@ -19,6 +19,7 @@ import inspect
 import logging
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import sympy
@@ -264,14 +265,30 @@ def to_device(
     return move_to_device_pass(ep, device), moved
 
 
+def compile_options(options: dict[str, Any], *, package_constants_in_so: bool
+                    ) -> dict[str, Any]:
+    """The inductor settings a lowering compiles with: the job's options and ours.
+
+    Weights left out of the .so are also kept out of the code: inductor otherwise pastes
+    the values of small constants (0-d, or 1-d with at most 8 elements, e.g. a small
+    bias) into the kernels as literals (torch/_inductor/graph.py, get_attr), so the
+    code would change with the weights and could not be reused for other weights.
+    """
+    return {**options, "aot_inductor.package": True,
+            "aot_inductor.package_constants_in_so": package_constants_in_so,
+            **({} if package_constants_in_so else {"always_keep_tensor_constants": True})}
+
+
 def lower_program(
     ep: ExportedProgram, *, model_name: str, backend_id: str, device: str, options: dict[str, Any],
-    package_constants_in_so: bool = False,
+    package_constants_in_so: bool = False, compiled: list[Path] | None = None,
 ) -> tuple[ExportedProgram, list[Any]]:
     """Compile ``ep`` (which this mutates: pass a copy) and build its delegate program.
 
     ``package_constants_in_so=False`` (the default) leaves the weights out of the .so:
     the runner then takes them from the original program (package.bind_constants).
+    ``compiled``: the files an earlier lowering of the same structure compiled
+    (cache_key.code_key); they are packaged instead of compiling again.
     """
     out_spec = ep.call_spec.out_spec
     in_spec = ep.call_spec.in_spec
@@ -289,13 +306,16 @@ def lower_program(
     )
     log.info("flat program range_constraints: %s", flat_ep.range_constraints)
 
-    log.info("compiling with AOTInductor, options %s", options)
-    aoti_files = torch._inductor.aot_compile(
-        flat_ep.module(),
-        tuple(flat_inputs),
-        options={**options, "aot_inductor.package": True,
-                 "aot_inductor.package_constants_in_so": package_constants_in_so},
-    )
+    aoti_files: Any
+    if compiled is not None:
+        log.info("reusing %d compiled files, not compiling", len(compiled))
+        aoti_files = [str(path) for path in compiled]
+    else:
+        log.info("compiling with AOTInductor, options %s", options)
+        aoti_files = torch._inductor.aot_compile(
+            flat_ep.module(), tuple(flat_inputs),
+            options=compile_options(options, package_constants_in_so=package_constants_in_so),
+        )
     if not isinstance(aoti_files, list):
         raise TypeError(f"aot_compile returned {type(aoti_files).__name__}, expected a list")
     log.info("compiled %d files", len(aoti_files))

@@ -33,6 +33,7 @@ class LoweringResult:
     verification: dict[str, Any] | None = None
     toolchain: dict[str, Any] = field(default_factory=dict)
     profile: dict[str, Any] | None = None
+    code_reused: bool = False
 
 
 @contextmanager
@@ -120,17 +121,25 @@ def run_lowering(
     on_phase: Callable[[str], None] = lambda phase: None,
     max_artifact_bytes: int | None = None,
     weights: str | None = None,
+    compiled: list[Path] | None = None,
 ) -> LoweringResult:
     """``weights``: "shared" (the default) stores them once, in the original program, and
     the delegate's .so takes them from there at load (package.load_runner); "embedded"
     compiles them into the .so as well (a self-contained runner, an archive twice the
     weights' size). Unset, the job's option ``aot_inductor.package_constants_in_so``
-    decides (true: embedded)."""
+    decides (true: embedded).
+
+    ``compiled``: files an earlier lowering of the same structure compiled (shared
+    weights only); packaged instead of compiling. Should that archive fail (it never
+    should: see cache_key.code_key), the program is compiled afresh.
+    """
     if weights is None:
         weights = "embedded" if options.get(EMBED_OPTION) else "shared"
     if weights not in WEIGHTS_MODES:
         raise ValueError(f"weights must be one of {WEIGHTS_MODES}, not {weights!r}")
     shared = weights == "shared"
+    if compiled is not None and not shared:
+        raise ValueError("compiled files can be reused only with shared weights")
     program_path, out_path = Path(program_path), Path(out_path)
     result = LoweringResult(toolchain={**probe_toolchain(options), "device": device})
     timings = result.timings
@@ -141,44 +150,76 @@ def run_lowering(
     # Loaded twice: lowering mutates its program's buffers (the delegate export
     # runs the model), and the archive must carry the untouched original.
     original, extra_files = load_program(program_path)
-    to_lower, _ = load_program(program_path)
+    to_lower: ExportedProgram | None = load_program(program_path)[0]
     timings["load"] = time.monotonic() - start
 
-    with _phase(Phase.LOWER, timings, on_phase):
-        _check_device(device)
-        delegate, aoti_files = lower_program(
-            to_lower, model_name=model_name, backend_id=backend_id, device=device, options=options,
-            package_constants_in_so=not shared,
-        )
+    def lower(files: list[Path] | None) -> tuple[ExportedProgram, list[Any]]:
+        nonlocal to_lower
+        program = to_lower if to_lower is not None else load_program(program_path)[0]
+        to_lower = None
+        with _phase(Phase.LOWER, timings, on_phase):
+            _check_device(device)
+            return lower_program(
+                program, model_name=model_name, backend_id=backend_id, device=device,
+                options=options, package_constants_in_so=not shared, compiled=files)
 
     def record() -> dict[str, Any]:
         return {**provenance, "model_name": model_name, "backend_id": backend_id,
                 "device": device, "options": dict(options), "toolchain": result.toolchain,
                 "weights": {"mode": weights, **({"load": LOAD_HINT} if shared else {})},
+                "compiled_code": {"reused": result.code_reused},
                 "verification": result.verification, "profile": result.profile,
                 "timings": dict(timings)}
 
-    def package(path: Path) -> None:
+    def package(path: Path, delegate: ExportedProgram, aoti_files: list[Any]) -> None:
         write_archive(path, model_name=model_name, backend_id=backend_id, original=original,
                       delegate=delegate, aoti_files=aoti_files, provenance=record(),
                       max_bytes=max_artifact_bytes, extra_files=extra_files,
                       constants_map=constant_sources(original) if shared else None)
 
+    if compiled is not None:
+        result.code_reused = True
+        try:
+            _lower_and_check(result, lower(compiled), package, original=original,
+                             out_path=out_path, verify=verify, on_phase=on_phase,
+                             names=(model_name, backend_id, device), tolerances=(rtol, atol))
+            return result
+        except JobError as exc:
+            # Not the program's fault as long as the key is sound: compile it afresh.
+            log.warning("the reused compiled code did not give a verified archive (%s); "
+                        "compiling afresh", exc)
+            result.code_reused = False
+            result.verification = result.profile = None
+    _lower_and_check(result, lower(None), package, original=original, out_path=out_path,
+                     verify=verify, on_phase=on_phase, names=(model_name, backend_id, device),
+                     tolerances=(rtol, atol))
+    return result
+
+
+def _lower_and_check(result: LoweringResult, lowered: tuple[ExportedProgram, list[Any]],
+                     package: Callable[[Path, ExportedProgram, list[Any]], None], *,
+                     original: ExportedProgram, out_path: Path, verify: bool,
+                     on_phase: Callable[[str], None], names: tuple[str, str, str],
+                     tolerances: tuple[float, float]) -> None:
+    """Package the lowered program, then (``verify``) verify and profile it."""
+    delegate, aoti_files = lowered
+    timings = result.timings
+    model_name, backend_id, device = names
     if not verify:
         with _phase(Phase.PACKAGE, timings, on_phase):
-            package(out_path)
-        return result
+            package(out_path, delegate, aoti_files)
+        return
 
     # The verified archive is re-written with the verification result in its
     # provenance; only the extra file differs, the compiled files are reused.
     draft = out_path.with_name(f".{out_path.stem}.unverified.pt2")
     try:
         with _phase(Phase.PACKAGE, timings, on_phase):
-            package(draft)
+            package(draft, delegate, aoti_files)
         with _phase(Phase.VERIFY, timings, on_phase, code=ErrorCode.VERIFICATION_FAILED):
             result.verification = verify_archive(
                 archive_path=draft, program=original, model_name=model_name,
-                backend_id=backend_id, device=device, rtol=rtol, atol=atol,
+                backend_id=backend_id, device=device, rtol=tolerances[0], atol=tolerances[1],
             )
         if not result.verification["passed"]:
             raise JobError(ErrorCode.VERIFICATION_FAILED, _failure_message(result.verification),
@@ -186,7 +227,6 @@ def run_lowering(
         result.profile = _profile(draft, original, model_name, backend_id, device, timings,
                                   on_phase)
         with _phase(Phase.PACKAGE, timings, lambda _: None):
-            package(out_path)
+            package(out_path, delegate, aoti_files)
     finally:
         draft.unlink(missing_ok=True)
-    return result

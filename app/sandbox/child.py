@@ -135,6 +135,7 @@ def _resources() -> dict[str, Any]:
 def run_job(channel: IO[str], spec: dict[str, Any], job_dir: Path) -> None:
     from app.errors import JobError
     from app.lowering import run_lowering
+    from app.storage.compiled import COMPILED_DIR
 
     logging.getLogger().setLevel(logging.INFO)
     # The job's CPU budget and accounting count from here, not from the warm-up (a soft
@@ -159,6 +160,8 @@ def run_job(channel: IO[str], spec: dict[str, Any], job_dir: Path) -> None:
             rtol=spec["rtol"], atol=spec["atol"], provenance=spec["provenance"],
             on_phase=lambda phase: _say(channel, "phase", phase=phase),
             max_artifact_bytes=spec["max_artifact_bytes"],
+            compiled=[job_dir / COMPILED_DIR / name for name in spec["compiled"]]
+            if spec.get("compiled") else None,
         )
     except JobError as exc:
         log.error("job failed: %s", exc)
@@ -180,7 +183,8 @@ def run_job(channel: IO[str], spec: dict[str, Any], job_dir: Path) -> None:
     _say(channel, "done", result={"timings": result.timings,
                                   "verification": result.verification,
                                   "toolchain": result.toolchain,
-                                  "profile": result.profile},
+                                  "profile": result.profile,
+                                  "code_reused": result.code_reused},
          resources=_resources())
 
 

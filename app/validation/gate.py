@@ -14,7 +14,11 @@ and checks, in order:
    under the cap for its type (fixed markers 64 bytes, configs ``max_config_bytes``,
    the graph ``max_json_bytes``, extra files ``max_extra_bytes``, ...) and every JSON
    document's value count bounded before it is parsed;
-4. then writes a fresh zip of exactly those members' bytes (rebuild.py), CRC-checked.
+4. then writes a fresh zip of exactly those members' bytes (rebuild.py), CRC-checked,
+   and on the way hashes the program's structure (``GateReport.structure_sha256``):
+   every member except the raw weight files (``data/weights/weight_<i>``), the save's
+   serialization id and the extra files. Two uploads with the same structure differ
+   only in weight values, so they compile to the same code (cache_key.code_key).
 
 Only the rebuilt file ever reaches a worker. Every refusal is one of the service's
 4xx errors naming the member and the rule; running out of memory is
@@ -46,7 +50,7 @@ from app.validation.limits import ArchiveLimits
 from app.validation.payloads import check_payload_config
 from app.validation.pickles import check_example_inputs
 from app.validation.rebuild import rebuild
-from app.validation.zipcheck import read_member, scan_zip
+from app.validation.zipcheck import Member, read_member, scan_zip
 
 __all__ = ["ArchiveLimits", "GateReport", "admit_upload"]
 
@@ -60,6 +64,7 @@ class GateReport:
     uncompressed_bytes: int
     rebuilt_bytes: int
     elapsed_s: float
+    structure_sha256: str
 
 
 def admit_upload(src: Path, dest: Path, limits: ArchiveLimits) -> GateReport:
@@ -78,7 +83,8 @@ def admit_upload(src: Path, dest: Path, limits: ArchiveLimits) -> GateReport:
             with archive:
                 layout = plan_layout(members, limits.max_extra_files)
                 _check_members(archive, layout, limits)
-                rebuilt = rebuild(archive, members, dest)
+                rebuilt, structure = rebuild(archive, members, dest,
+                                             digest=lambda m: shapes_code(m, layout))
     except ServiceError:
         raise
     except MemoryError as exc:
@@ -96,7 +102,22 @@ def admit_upload(src: Path, dest: Path, limits: ArchiveLimits) -> GateReport:
         raise _unreadable(exc) from exc
     return GateReport(model=layout.model, members=len(members),
                       uncompressed_bytes=sum(m.size for m in members), rebuilt_bytes=rebuilt,
-                      elapsed_s=round(time.monotonic() - started, 4))
+                      elapsed_s=round(time.monotonic() - started, 4),
+                      structure_sha256=structure)
+
+
+NOT_STRUCTURE = frozenset({".data/serialization_id"})
+
+
+def shapes_code(member: Member, layout: Layout) -> bool:
+    """Whether ``member`` is part of the program's structure: all that the compiled code
+    can depend on, and all that torch parses beyond plain numbers and text. Left out:
+    the raw bytes of parameters and buffers (their names, dtypes, shapes and strides are
+    in the weights config, which is in), the serialization id (a fresh number on every
+    save) and extra files (strings handed back as they are)."""
+    name = member.rel.rsplit("/", 1)[-1]
+    return not (layout.weights.get(name) is member or member.rel in NOT_STRUCTURE
+                or member.rel in layout.extras)
 
 
 def _unreadable(exc: Exception) -> UnsupportedMediaType:

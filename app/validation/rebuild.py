@@ -7,11 +7,14 @@ so a corrupt member fails here instead of reaching a worker.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from app.errors import ApiErrorCode, ServiceError, UnsupportedMediaType
 from app.validation.zipcheck import Member
@@ -33,16 +36,22 @@ def _aligned_info(name: str, size: int, offset: int) -> zipfile.ZipInfo:
     return info
 
 
-def rebuild(archive: zipfile.ZipFile, members: list[Member], dest: Path) -> int:
-    """Write ``members`` of ``archive`` to ``dest`` atomically; return its size in bytes."""
+def rebuild(archive: zipfile.ZipFile, members: list[Member], dest: Path,
+            digest: Callable[[Member], bool] = lambda member: False) -> tuple[int, str]:
+    """Write ``members`` of ``archive`` to ``dest`` atomically; return its size in bytes
+    and the sha256 of the members ``digest`` picks (see ``structure_digest``)."""
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    digests: dict[str, str] = {}
     try:
         with tmp.open("wb") as raw, zipfile.ZipFile(raw, "w", allowZip64=True) as out:
             for member in members:
-                _copy(archive, member, out, raw.tell())
+                hasher = hashlib.sha256() if digest(member) else None
+                _copy(archive, member, out, raw.tell(), hasher)
+                if hasher is not None:
+                    digests[member.rel] = hasher.hexdigest()
         size = tmp.stat().st_size
         os.replace(tmp, dest)
-        return size
+        return size, structure_digest(digests)
     except ServiceError:
         tmp.unlink(missing_ok=True)
         raise
@@ -54,7 +63,16 @@ def rebuild(archive: zipfile.ZipFile, members: list[Member], dest: Path) -> int:
         raise
 
 
-def _copy(archive: zipfile.ZipFile, member: Member, out: zipfile.ZipFile, offset: int) -> None:
+def structure_digest(digests: dict[str, str]) -> str:
+    """One sha256 over (name below the root folder, sha256) of each picked member, in name
+    order: the same for two uploads whose picked members hold the same bytes, whatever
+    their root folder or member order."""
+    lines = "".join(f"{rel}\0{value}\n" for rel, value in sorted(digests.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _copy(archive: zipfile.ZipFile, member: Member, out: zipfile.ZipFile, offset: int,
+          hasher: Any = None) -> None:
     info = _aligned_info(member.name, member.size, offset)
     copied = 0
     try:
@@ -62,6 +80,8 @@ def _copy(archive: zipfile.ZipFile, member: Member, out: zipfile.ZipFile, offset
             while chunk := src.read(CHUNK_BYTES):
                 copied += len(chunk)
                 dst.write(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
     except OSError:
         raise  # disk trouble on our side: a 500 from rebuild()
     except Exception as exc:  # BadZipFile (CRC), EOFError, zlib.error: a corrupt member

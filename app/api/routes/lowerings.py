@@ -41,7 +41,7 @@ from app.errors import (
     TooManyRequests,
     Unprocessable,
 )
-from app.jobs.cache_key import cache_key
+from app.jobs.cache_key import cache_key, code_key
 from app.jobs.failures import out_of_space
 from app.jobs.lifecycle import QueueFull, unknown_job
 from app.jobs.store import JobFields, JobRecord, JobStore
@@ -145,8 +145,8 @@ async def create_lowering(
         # gate runs in a fresh, resource-limited child process, a few at a time.
         staged = uploads.staging_path()
         try:
-            await run_gate(form.file_path, staged, settings.archive_limits(),
-                           settings.gate_resources())
+            report = await run_gate(form.file_path, staged, settings.archive_limits(),
+                                    settings.gate_resources())
             await to_thread.run_sync(uploads.commit, job_id, staged)
         finally:
             staged.unlink(missing_ok=True)
@@ -160,6 +160,10 @@ async def create_lowering(
     if settings.cache and executor.toolchain is not None:
         fields["cache_key"] = cache_key(input_sha256=form.sha256, params=params.as_fields(),
                                         toolchain=executor.toolchain)
+        if cache == "use":  # bypass: compiled afresh, so it neither takes nor gives code
+            fields["code_key"] = code_key(structure_sha256=report.structure_sha256,
+                                          params=params.as_fields(),
+                                          toolchain=executor.toolchain)
     try:
         admission = await to_thread.run_sync(lambda: lifecycle.admit(
             fields, use_cache=cache == "use", max_waiting=settings.max_queued))
