@@ -427,6 +427,36 @@ def _heavy() -> ExportedProgram:
 BUILDERS["heavy"] = _heavy
 
 
+class FineTune(nn.Module):
+    """What a registry re-lowers with new weights: the same structure, other values.
+
+    Its small tensors are the trap for compiled-code reuse: inductor pastes the values of
+    a 0-d tensor and of a 1-d one with at most 8 elements into the code unless told not
+    to, and here the head's bias has 8 elements and ``scale`` is 0-d.
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.body = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 8)
+        self.register_buffer("scale", torch.tensor(1.0))
+        with torch.no_grad():
+            for tensor in (*self.parameters(), self.scale):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x))) * self.scale
+
+
+def fine_tune(seed: int, *, max_batch: int = 64) -> ExportedProgram:
+    """FineTune with weights from ``seed``; the example input is the same for every seed
+    (the structure includes it), and the batch is dynamic up to ``max_batch``."""
+    example = torch.linspace(-1.0, 1.0, 4 * 16).reshape(4, 16)
+    return torch.export.export(FineTune(seed).eval(), (example,),
+                               dynamic_shapes=({0: Dim("batch", min=1, max=max_batch)},))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 1:
         print("usage: python -m tests.models OUTDIR [NAME...]", file=sys.stderr)
