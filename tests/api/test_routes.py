@@ -223,3 +223,36 @@ def test_an_unreachable_database_is_503_with_retry_after(
     assert response.headers["retry-after"] == "5"
     ready = api.client.get("/readyz").json()
     assert ready["status"] == "not_ready" and ready["checks"]["database"].startswith("error")
+
+
+def test_code_keys_pair_fine_tunes_and_skip_value_dependent_code(
+        api: Api, tmp_path: Path) -> None:
+    """The job's code key (what worker._take_compiled matches on) is the same for another
+    fine-tune of the same structure, so the earlier job is offered as its donor; it is
+    absent under options whose code depends on weight values and under ?cache=bypass."""
+    import torch
+
+    from tests.models import fine_tune
+
+    paths = []
+    for seed in (1, 2):
+        paths.append(tmp_path / f"seed{seed}.pt2")
+        torch.export.save(fine_tune(seed), str(paths[-1]))
+    store, lifecycle = api.executor.ctx.lifecycle.store, api.executor.ctx.lifecycle
+    first = submit(api.client, paths[0], wait=30, model_name="m")
+    assert first.status_code == 200
+    donor = store.get(first.headers["x-lowering-id"])
+    tuned = store.get(submit(api.client, paths[1], model_name="hold_m").json()["id"])
+    same = store.get(submit(api.client, paths[1], model_name="m").json()["id"])
+    assert donor and tuned and same and donor["code_key"] and same["code_key"]
+    assert same["code_key"] == donor["code_key"] != tuned["code_key"]  # names are in it
+    assert [job["id"] for job in lifecycle.code_donors(same)] == [donor["id"]]
+    embedded = submit(api.client, paths[1], model_name="hold_e",
+                      options='{"aot_inductor.package_constants_in_so": true}')
+    bypassed = api.client.post("/v1/lowerings", params={"cache": "bypass"},
+                               data={"model_name": "hold_b"},
+                               files={"program": ("p.pt2", paths[1].read_bytes())})
+    for response in (embedded, bypassed):
+        job = store.get(response.json()["id"])
+        assert job is not None and job["code_key"] is None
+        assert lifecycle.code_donors(job) == []
