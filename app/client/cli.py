@@ -143,6 +143,10 @@ def _verdict(job: Job, err: Console) -> int:
             _say(err, f"speedup {profile['speedup']}x: compiled {profile['compiled_ms']} ms, "
                  f"eager {profile['eager_ms']} ms (median of {profile['runs']} runs on the "
                  "example inputs)", "green")
+        if job.get("code_reused_from"):
+            _say(err, "compiled code reused from job "
+                 f"{job['code_reused_from']} (same structure, other weights; verified "
+                 "with these weights)", "green")
         return EXIT_OK
     error = job.get("error") or {}
     _say(err, f"job {job.get('id')} {job.get('status')}: "
