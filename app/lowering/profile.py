@@ -11,6 +11,7 @@ computed.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import statistics
 import time
@@ -56,7 +57,7 @@ def _median_ms(call: Callable[[list[Any]], Any], flat: list[Any], runs: int,
     return statistics.median(times) * 1000.0
 
 
-def _mutates(program: ExportedProgram) -> bool:
+def mutates(program: ExportedProgram) -> bool:
     """Might running the program change its state? (torch 2.13 graphs keep in-place ops, so
     the signature's mutation lists are not enough.) Anything unknown counts as yes."""
     signature = program.graph_signature
@@ -71,6 +72,30 @@ def _mutates(program: ExportedProgram) -> bool:
     return False
 
 
+def release_runner(runner: Any) -> None:
+    """Free the weights bound to a runner that will not run again (package.bind_constants).
+
+    torch 2.13's AOTInductor container never drops its reference to a user-managed
+    constant (MaybeOwningAtenTensorHandle makes a tensor handle it does not own and
+    never frees; fixed upstream by pytorch/pytorch#194480), so without this every
+    load_runner would keep one more copy of the weights (the archive's) alive for
+    the life of the process. Their storages are emptied here: the leaked handles
+    then point at zero bytes. Nothing else holds these storages: parameters are the
+    archive's own (load_pt2's), buffers are clones.
+    """
+    constants = getattr(runner, "shared_constants", None) or {}
+    emptied: set[int] = set()
+    for tensor in constants.values():
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if storage.nbytes() == 0 or key in emptied:  # views of one storage: empty it once
+            continue
+        emptied.add(key)
+        storage._swap_data_ptr_(torch.UntypedStorage(0, device=storage.device))
+    if constants:
+        runner.shared_constants = {}
+
+
 def profile_archive(*, archive_path: Path, program: ExportedProgram, model_name: str,
                     backend_id: str, device: str) -> dict[str, Any]:
     """``{eager_ms, compiled_ms, speedup, runs}`` on the example inputs."""
@@ -78,9 +103,20 @@ def profile_archive(*, archive_path: Path, program: ExportedProgram, model_name:
     # them bound first (package.load_runner), a self-contained one is used as is.
     runner = load_runner(archive_path, model_name=model_name, backend_id=backend_id,
                          device=device)
+    try:
+        return _profile(runner, program, device)
+    finally:
+        # The runner holds the archive's weights: free them before the final archive
+        # is written.
+        release_runner(runner)
+        del runner
+        gc.collect()
+
+
+def _profile(runner: Any, program: ExportedProgram, device: str) -> dict[str, Any]:
     # The original is packaged after this: a program that mutates its buffers runs on a
     # private copy; any other shares the original's weights (no second copy in memory).
-    source = copy.deepcopy(program) if _mutates(program) else program
+    source = copy.deepcopy(program) if mutates(program) else program
     moved, flat = to_device(source, flat_example_inputs(program), device)
     module = moved.module()
     in_spec = program.call_spec.in_spec

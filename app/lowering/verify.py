@@ -14,6 +14,7 @@ dtypes and a power-of-ten bucket of the error. The same holds for the log.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 import re
@@ -32,6 +33,7 @@ from app.lowering.lower import (
     symbolic_dims,
 )
 from app.lowering.package import load_runner
+from app.lowering.profile import mutates, release_runner
 
 log = logging.getLogger("app.lowering")
 
@@ -182,9 +184,23 @@ def verify_archive(
     # bound from the archive's copy of the original's weights.
     runner = load_runner(archive_path, model_name=model_name, backend_id=backend_id,
                          device=device)
-    # Buffer-mutating programs change state on every call, so the reference is
-    # a private copy that sees exactly the same call sequence as the runner.
-    ref_program = copy.deepcopy(program)
+    try:
+        return _verify(runner, program, device, rtol, atol)
+    finally:
+        # The runner holds the archive's weights (as big as the original's): free them
+        # before profiling loads them again and the final archive is written.
+        release_runner(runner)
+        del runner
+        gc.collect()
+
+
+def _verify(runner: Any, program: ExportedProgram, device: str, rtol: float, atol: float
+            ) -> dict[str, Any]:
+    # Buffer-mutating programs change state on every call, so their reference is a
+    # private copy that sees exactly the same call sequence as the runner. Any other
+    # program runs as is: running it changes nothing, and a copy would double the
+    # weights in memory.
+    ref_program = copy.deepcopy(program) if mutates(program) else program
     reference = ref_program.module()
     in_spec = program.call_spec.in_spec
 
