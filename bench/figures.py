@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,7 @@ def weights(server: Server, programs: list[Path], plain_cache: Path, out_dir: Pa
                   f"peak RSS {plain_rss / MB:.0f} MB, archive {plain_size / MB:.0f} MB; service "
                   f"{service_s:.1f} s, worker peak RSS {worker_rss / MB:.0f} MB, API rise "
                   f"{(rss.peak - before) / MB:.1f} MB, archive {archive / MB:.0f} MB", flush=True)
+            print(f"    where the service's time went: {_breakdown(job, service_s)}", flush=True)
             rows += [
                 Row(f"{name}: end to end, service / plain",
                     f"{service_s / plain_s:.2f} ({service_s:.1f} s / {plain_s:.1f} s)", "info",
@@ -272,3 +274,26 @@ def weights(server: Server, programs: list[Path], plain_cache: Path, out_dir: Pa
                     _verdict(archive <= 1.10 * upload)),
             ]
     return rows
+
+
+def _breakdown(job: dict[str, Any], service_s: float) -> str:
+    """The job's phases, its time queued and stored, and the rest of ``service_s``
+    (upload, gate, hand-over, download), from the job's timings and timestamps."""
+    def stamp(key: str) -> datetime | None:
+        value = job.get(key)
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+    created, started, finished = (stamp(k) for k in ("created_at", "started_at",
+                                                     "finished_at"))
+    timings = job.get("timings") or {}
+    phases = sum(float(v) for v in timings.values())
+    parts = [", ".join(f"{k} {float(v):.1f}" for k, v in timings.items())
+             + f" (phases {phases:.1f} s)"]
+    if created and started and finished:
+        queued = (started - created).total_seconds()
+        ran = (finished - started).total_seconds()
+        parts += [f"created->started {queued:.1f} s",
+                  f"started->finished {ran:.1f} s (of which not in a phase: "
+                  f"{ran - phases:.1f} s: warm child hand-over, archive check and store)",
+                  f"outside the job {service_s - queued - ran:.1f} s (upload, gate, download)"]
+    return "; ".join(parts)
