@@ -285,15 +285,17 @@ def _breakdown(job: dict[str, Any], service_s: float) -> str:
 
     created, started, finished = (stamp(k) for k in ("created_at", "started_at",
                                                      "finished_at"))
-    timings = job.get("timings") or {}
-    phases = sum(float(v) for v in timings.values())
-    parts = [", ".join(f"{k} {float(v):.1f}" for k, v in timings.items())
-             + f" (phases {phases:.1f} s)"]
+    timings = {k: float(v) for k, v in (job.get("timings") or {}).items()}
+    validate = timings.pop("validate", 0.0)  # the gate, in the API before the job exists
+    phases = sum(timings.values())
+    parts = [f"gate (validate) {validate:.1f} s",
+             ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f" (phases {phases:.1f} s)"]
     if created and started and finished:
         queued = (started - created).total_seconds()
         ran = (finished - started).total_seconds()
         parts += [f"created->started {queued:.1f} s",
                   f"started->finished {ran:.1f} s (of which not in a phase: "
-                  f"{ran - phases:.1f} s: warm child hand-over, archive check and store)",
-                  f"outside the job {service_s - queued - ran:.1f} s (upload, gate, download)"]
+                  f"{ran - phases:.1f} s: hand-over to the child, its exit, archive check "
+                  "and store)",
+                  f"the rest {service_s - queued - ran - validate:.1f} s (upload, download)"]
     return "; ".join(parts)
