@@ -113,11 +113,24 @@ def profile_archive(*, archive_path: Path, program: ExportedProgram, model_name:
         gc.collect()
 
 
+def working_copy(program: ExportedProgram, device: str) -> ExportedProgram:
+    """A program to run (and move to ``device``) that leaves ``program`` as it was, e.g.
+    the original that is packaged afterwards: for a program that mutates its buffers, a
+    private copy; for any other, the program itself, sharing its weights (no second
+    copy in memory). Off the CPU, lower.to_device moves the program in place (torch's
+    move_to_device_pass replaces its tensors and rewrites its graph), so it then gets a
+    copy of everything but its weights, which the move replaces but never changes."""
+    if mutates(program):
+        return copy.deepcopy(program)
+    if device == "cpu":  # lower.to_device moves nothing
+        return program
+    tensors = [*program.state_dict.values(), *program.constants.values()]
+    return copy.deepcopy(program, {id(t): t for t in tensors if isinstance(t, torch.Tensor)})
+
+
 def _profile(runner: Any, program: ExportedProgram, device: str) -> dict[str, Any]:
-    # The original is packaged after this: a program that mutates its buffers runs on a
-    # private copy; any other shares the original's weights (no second copy in memory).
-    source = copy.deepcopy(program) if mutates(program) else program
-    moved, flat = to_device(source, flat_example_inputs(program), device)
+    moved, flat = to_device(working_copy(program, device), flat_example_inputs(program),
+                            device)
     module = moved.module()
     in_spec = program.call_spec.in_spec
 

@@ -13,7 +13,8 @@ import torch
 
 from app.lowering import package as package_module
 from app.lowering import verify as verify_module
-from app.lowering.profile import mutates, release_runner
+from app.lowering.lower import flat_example_inputs, to_device
+from app.lowering.profile import mutates, release_runner, working_copy
 from app.lowering.verify import verify_archive
 from tests.models import export_model
 
@@ -72,3 +73,26 @@ def test_released_runner_keeps_no_weights() -> None:
     assert buffer.untyped_storage().nbytes() == 0
     assert runner.shared_constants == {}
     release_runner(SimpleNamespace())  # a self-contained runner has nothing to release
+
+
+@pytest.mark.parametrize("name", ["linear", "convnet"])
+def test_moving_the_eager_side_off_the_cpu_leaves_the_original_as_it_was(name: str) -> None:
+    # "meta" stands in for an accelerator: torch's move_to_device_pass works in place.
+    program = export_model(name)
+    before = dict(program.state_dict)
+    graph = str(program.graph)
+    source = working_copy(program, "meta")
+    assert source is not program
+    assert all(source.state_dict[k] is v for k, v in before.items())  # weights not copied
+    moved, _ = to_device(source, flat_example_inputs(program), "meta")
+    assert all(t.device.type == "meta" for t in moved.state_dict.values())
+    assert all(program.state_dict[k] is v and v.device.type == "cpu" for k, v in before.items())
+    assert str(program.graph) == graph
+
+
+def test_the_eager_side_shares_or_copies_as_the_program_needs() -> None:
+    linear = export_model("linear")
+    assert working_copy(linear, "cpu") is linear
+    counter = export_model("counter")
+    private = working_copy(counter, "cpu")
+    assert all(private.state_dict[k] is not v for k, v in counter.state_dict.items())
