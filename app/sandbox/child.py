@@ -205,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     if not line:
         return 0  # the supervisor let this sandbox go unused
     run_job(channel, json.loads(line), job_dir)
-    return 0
+    # Everything the job leaves is written and closed; the interpreter's own teardown
+    # (unloading runners, inductor's worker pools, torch's atexit hooks) took ~2 s after
+    # every job, which the supervisor waited out before storing the archive.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
