@@ -19,7 +19,7 @@ from app.jobs import failures
 from app.lowering.load import load_program
 from app.lowering.lower import constant_sources, lower_program
 from app.lowering.package import LOAD_HINT, WEIGHTS_MODES, write_archive
-from app.lowering.profile import profile_archive
+from app.lowering.profile import profile_archive, working_copy
 from app.lowering.toolchain import probe_toolchain
 from app.lowering.verify import verify_archive
 from app.options import EMBED_OPTION
@@ -147,15 +147,17 @@ def run_lowering(
     on_phase(Phase.LOAD.value)
     log.info("loading %s", program_path)
     start = time.monotonic()
-    # Loaded twice: lowering mutates its program's buffers (the delegate export
-    # runs the model), and the archive must carry the untouched original.
+    # Lowering runs the model (the delegate export) and moves it to the device, and
+    # the archive must carry the untouched original: it lowers a working copy, which is
+    # the original itself for a program that running does not change, on the CPU (a
+    # second load would hold the weights twice for the whole job).
     original, extra_files = load_program(program_path)
-    to_lower: ExportedProgram | None = load_program(program_path)[0]
+    to_lower: ExportedProgram | None = working_copy(original, device)
     timings["load"] = time.monotonic() - start
 
     def lower(files: list[Path] | None) -> tuple[ExportedProgram, list[Any]]:
         nonlocal to_lower
-        program = to_lower if to_lower is not None else load_program(program_path)[0]
+        program = to_lower if to_lower is not None else working_copy(original, device)
         to_lower = None
         with _phase(Phase.LOWER, timings, on_phase):
             _check_device(device)

@@ -118,7 +118,7 @@ class _FormSink:
             self.form.fields[self._name] = ""  # claimed now, so a repeat is caught above
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        chunk = data[start:end]
+        chunk = memoryview(data)[start:end]  # copied once, into the pending block
         if self._is_file:
             self.form.size_bytes += len(chunk)
             if self.form.size_bytes > self.max_file_bytes:
@@ -146,10 +146,10 @@ class _FormSink:
             return
         if len(self.pending) < CHUNK_BYTES and not force:
             return
-        block, self.pending = bytes(self.pending), bytearray()
+        block, self.pending = self.pending, bytearray()  # handed over, not copied
         await to_thread.run_sync(self._write, block)
 
-    def _write(self, block: bytes) -> None:
+    def _write(self, block: bytearray) -> None:
         assert self.handle is not None
         self.hasher.update(block)
         self.handle.write(block)
