@@ -1,4 +1,4 @@
-"""Is the service fast? One run, one machine, plain way vs service, six figures.
+"""Is the service fast? One run, one machine, plain way vs service, eight figures.
 
 1. distinct:  a never-seen model, upload -> archive in hand (``POST ?wait=``) on a warm
               service vs the plain way (fresh ``python``: import torch, load,
@@ -14,6 +14,9 @@
               through the plain way and the service: end-to-end time, worker peak RSS
               (target <= 2.5x the weights), API RSS rise (< 64 MB: it never holds an upload
               or an archive) and archive size (target <= 1.10x the upload).
+8. reuse:     fine-tunes (the same structure, other weights: tests.models.FineTune) vs
+              the first lowering of that structure, end to end, each submitted on warm
+              slots (bench/reuse.py). Target <= 0.2x, every one reused and verified.
 
 Every upload is a program generated here with its own seed (bench/gen_programs.py), so no
 two share a sha256 and the result cache can only hit where figure 2 asks it to.
@@ -33,11 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import figures
+import reuse
 from figures import Distinct, Row
 from gen_programs import KINDS
 from harness import generate, plain_once, serve
 
-FIGURES = ("distinct", "identical", "parallel", "latency", "upload", "sandbox", "weights")
+FIGURES = ("distinct", "identical", "parallel", "latency", "upload", "sandbox", "weights",
+           "reuse")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -170,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                 (tmp / "plain-heavy").mkdir()
                 rows += _guard("weights", lambda: figures.weights(
                     server, heavy, plain_cache, tmp / "plain-heavy"))
+            if "reuse" in args.only:
+                tunes = reuse.generate_fine_tunes(
+                    tmp / "fine-tunes", reuse.seeds(args.seed or int(time.time()) % 100_000,
+                                                    3 if args.quick else 5))
+                rows += _guard("reuse", lambda: reuse.reuse(server, tunes))
             if "sandbox" in args.only:
                 off_env = {**extra, "LOWERING_SANDBOX": "off"}
                 with serve(tmp / "data-off", workers=args.workers, extra_env=off_env) as off:
