@@ -13,6 +13,7 @@ ServiceError (500)              anything we did not foresee; the body says nothi
  │                              upload the gate refuses
  ├── TooManyRequests (429)      the queue is full (LOWERING_MAX_QUEUED); carries Retry-After
  ├── ServiceUnavailable (503)   no job can run here now (sandbox missing, database locked)
+ │    └── ObjectStoreUnavailable  the S3 object store failed or cannot be reached
  └── StorageFull (507)          the data dir is out of space
 
 Every ``error.code`` the API answers with is an :class:`ApiErrorCode`, and each code
@@ -123,6 +124,10 @@ class ApiErrorCode(enum.StrEnum):
         "no lowering can run here: the sandbox or the workers are missing (see /readyz)")
     DATABASE_BUSY = "database_busy", (
         "the job database stayed locked for a minute; retry after Retry-After seconds")
+    OBJECT_STORE_UNAVAILABLE = "object_store_unavailable", (
+        "the S3 object store (LOWERING_STORAGE=s3) cannot be reached or refused the request "
+        "(endpoint down, access denied, missing bucket, throttling); retry after Retry-After "
+        "seconds")
     STORAGE_FULL = "storage_full", "the data dir or the job database is out of disk space"
 
 
@@ -267,6 +272,19 @@ class ServiceUnavailable(ServiceError):
                  retry_after_s: int | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
+
+
+class ObjectStoreUnavailable(ServiceUnavailable):
+    """The object store failed: unreachable, access denied, no bucket, throttled.
+
+    :param retry_after_s: sent as the Retry-After header.
+    """
+
+    code = ApiErrorCode.OBJECT_STORE_UNAVAILABLE
+    codes = frozenset({ApiErrorCode.OBJECT_STORE_UNAVAILABLE})
+
+    def __init__(self, message: str, *, retry_after_s: int = 30) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
 
 
 class StorageFull(ServiceError):

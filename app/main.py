@@ -14,6 +14,7 @@ from app import __version__
 from app.api.deps import Services
 from app.api.handlers import register_exception_handlers
 from app.api.routes import health, lowerings
+from app.errors import ObjectStoreUnavailable
 from app.executors.base import Executor
 from app.executors.local import LocalExecutor
 from app.jobs import migrate
@@ -21,11 +22,22 @@ from app.jobs.lifecycle import JobLifecycle
 from app.jobs.store import JobStore
 from app.settings import Settings
 from app.storage.artifacts import LocalArtifactStore
+from app.storage.base import ArtifactStore, UploadStore
 from app.storage.files import LocalLogStore, LocalUploadStore
 from app.storage.reserve import make_reserve
 from app.worker import JobContext
 
 log = logging.getLogger("app")
+
+
+def _open_stores(settings: Settings) -> tuple[UploadStore, ArtifactStore]:
+    """Uploads and artifacts in the data dir, or in a bucket (LOWERING_STORAGE=s3, which
+    raises ObjectStoreUnavailable unless the bucket answers); logs are always local."""
+    if settings.storage == "s3":
+        from app.storage.s3 import open_s3_stores  # boto3 is imported only when used
+
+        return open_s3_stores(settings)
+    return LocalUploadStore(settings.uploads_dir), LocalArtifactStore(settings.artifacts_dir)
 
 
 def create_app(settings: Settings | None = None, *,
@@ -41,7 +53,7 @@ def create_app(settings: Settings | None = None, *,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.ensure_dirs()
-        uploads = LocalUploadStore(settings.uploads_dir)
+        uploads, artifacts = _open_stores(settings)
         uploads.discard_staged()  # receptions a crash cut short
         if not make_reserve(settings.data_dir):
             log.warning("the data dir has little free space: no disk reserve for DELETE")
@@ -51,7 +63,6 @@ def create_app(settings: Settings | None = None, *,
                         or settings.migrate_on_start)
         store = JobStore(settings.db_url)
         logs = LocalLogStore(settings.logs_dir)
-        artifacts = LocalArtifactStore(settings.artifacts_dir)
         lifecycle = JobLifecycle(store, uploads=uploads, logs=logs, artifacts=artifacts)
         executor = make_executor(JobContext(settings, lifecycle, uploads, logs, artifacts))
         lifecycle.dispatch = executor.submit
@@ -88,6 +99,14 @@ def run() -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.storage == "s3":  # refuse to start in one line, not a lifespan traceback
+        from app.storage.s3 import open_s3_stores
+
+        try:
+            open_s3_stores(settings)
+        except ObjectStoreUnavailable as exc:
+            log.error("cannot start: %s", exc.message)
+            raise SystemExit(1) from None
     app = create_app(settings)
 
     class _Server(uvicorn.Server):

@@ -105,6 +105,20 @@ class Settings(BaseSettings):
         1024**3, ge=64 * 1024**2, description="address space of one upload-check process")
     gate_max_cpu_s: float = Field(60.0, gt=0, description="CPU seconds of one upload check")
     gate_timeout_s: float = Field(120.0, gt=0, description="wall-clock cap on one upload check")
+    storage: Literal["local", "s3"] = Field(
+        "local", description="where uploads and artifacts live: local (the data dir) or s3 "
+        "(an S3-compatible bucket; logs stay local). Credentials come from the standard AWS "
+        "chain (AWS_* variables, ~/.aws, instance roles), never from these settings")
+    s3_endpoint_url: str | None = Field(
+        None, description="an S3-compatible endpoint (SeaweedFS, moto); default AWS S3")
+    s3_bucket: str = Field("lowering", min_length=3, max_length=63)
+    s3_prefix: str = Field("", max_length=256, description="key prefix inside the bucket")
+    s3_region: str = "us-east-1"
+    s3_presign_s: int = Field(300, ge=1, le=7 * 86_400,
+                              description="lifetime of a presigned artifact URL")
+    s3_downloads: Literal["redirect", "stream"] = Field(
+        "redirect", description="redirect: 307 to a presigned URL; stream: the API relays "
+        "the object (clients that cannot reach the endpoint)")
 
     @field_validator("preload_modules", mode="before")
     @classmethod

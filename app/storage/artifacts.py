@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -104,6 +106,20 @@ class LocalArtifactStore:
         with self._lock:
             self._intact[sha256] = stamp
         return True
+
+    def open_chunks(self, sha256: str) -> Iterator[bytes]:
+        handle = self._path(sha256).open("rb")  # FileNotFoundError before any byte
+
+        def read() -> Iterator[bytes]:
+            with handle:
+                while block := handle.read(CHUNK_BYTES):
+                    yield block
+
+        return read()
+
+    def fetch(self, sha256: str, dest: Path) -> None:
+        """A copy, not a hard link: the stored file must have no other names."""
+        shutil.copyfile(self._path(sha256), dest)
 
     def remove(self, sha256: str) -> None:
         with self._lock:

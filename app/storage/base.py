@@ -2,7 +2,8 @@
 
 Nobody outside ``app/storage`` builds a path into the data dir. The local stores
 (``files.py``, ``artifacts.py``) are the first implementations; an object store (S3)
-implements the same protocols, answering ``ArtifactStore.location`` with a URL.
+implements the same protocols (``s3.py``), answering ``ArtifactStore.location`` with a
+presigned URL, or with None when the API relays the object itself.
 """
 
 from __future__ import annotations
@@ -71,8 +72,17 @@ class ArtifactStore(Protocol):
     def is_intact(self, sha256: str) -> bool:
         """The archive is stored and still hashes to ``sha256``; a bad one is removed."""
 
-    def location(self, sha256: str) -> Path | str:
-        """Where a download is served from: a local file, or a URL to redirect to."""
+    def location(self, sha256: str) -> Path | str | None:
+        """Where a download is served from: a local file, a URL to redirect to, or None:
+        the API relays ``open_chunks`` (an object store the clients cannot reach)."""
+
+    def open_chunks(self, sha256: str) -> Iterator[bytes]:
+        """The archive's bytes in chunks; FileNotFoundError when it is not stored. The
+        store is asked before this returns, so a failure to reach it is raised here."""
+
+    def fetch(self, sha256: str, dest: Path) -> None:
+        """Put a private copy of the archive at ``dest`` (a new local file); changing it
+        never changes the stored archive. FileNotFoundError when it is not stored."""
 
     def remove(self, sha256: str) -> None:
         """Delete the archive; only the job lifecycle decides when (reference counting)."""

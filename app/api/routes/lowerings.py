@@ -267,11 +267,19 @@ async def _artifact_response(job: JobRecord, artifacts: ArtifactStore,
         raise ArtifactCorrupt(
             f"the stored artifact of lowering {job['id']} is missing or no longer matches its "
             "sha256 and will not be served; submit the program again with ?cache=bypass")
-    where = artifacts.location(sha256)
+    where = await to_thread.run_sync(artifacts.location, sha256)
     if isinstance(where, str):  # an object store: the client fetches it from there
         return RedirectResponse(where, status_code=307, headers=headers)
+    filename = f"{job['model_name']}-{job['backend_id']}.pt2"
+    if where is None:  # an object store the client cannot reach: relayed (no Range)
+        headers.update({"Content-Length": str(job["artifact_size_bytes"]),
+                        "Content-Disposition": f'attachment; filename="{filename}"'})
+        if request.method == "HEAD":
+            return Response(media_type="application/zip", headers=headers)
+        chunks = await to_thread.run_sync(artifacts.open_chunks, sha256)
+        return StreamingResponse(chunks, media_type="application/zip", headers=headers)
     return FileResponse(where, media_type="application/zip", headers=headers,
-                        filename=f"{job['model_name']}-{job['backend_id']}.pt2")
+                        filename=filename)
 
 
 @router.get("/{job_id}/log", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
