@@ -20,7 +20,6 @@ The lock is per process: one API process owns admission on a host.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -100,7 +99,6 @@ class JobLifecycle:
         self.artifacts = artifacts
         self.listeners = list(listeners)
         self.dispatch = dispatch
-        self._lock = threading.Lock()
 
     # -- moves ------------------------------------------------------------------------
 
@@ -120,7 +118,7 @@ class JobLifecycle:
         interleave with another admission; hits and followers never count against it.
         """
         key = fields.get("cache_key")
-        with self._lock:
+        with self.store.admission_lock():
             if use_cache and key:
                 hit = self.store.find_by_key(cache_key=key, statuses=[S])
                 sha = hit["artifact_sha256"] if hit else None
@@ -181,7 +179,7 @@ class JobLifecycle:
                 code_reused_from: str | None = None) -> bool:
         """running -> succeeded with its stored archive. Raises ArtifactLost when a
         concurrent delete removed that archive first (the worker stores it again)."""
-        with self._lock:
+        with self.store.admission_lock():
             if not self.artifacts.exists(artifact.sha256):
                 raise ArtifactLost(artifact.sha256)
             job = self.store.get(job_id)
@@ -266,7 +264,7 @@ class JobLifecycle:
         if not JobStatus(job["status"]).is_final:
             raise Conflict(f"lowering {job_id} is {job['status']}; cancel it before deleting",
                            code=ApiErrorCode.JOB_ACTIVE)
-        with self._lock:
+        with self.store.admission_lock():
             self.store.delete(job_id)
             self.uploads.remove(job_id)
             self.logs.remove(job_id)

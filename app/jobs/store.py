@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import functools
 import logging
+import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypedDict, TypeVar, Unpack, cast
 
 from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
@@ -15,12 +18,14 @@ from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from app.constants import JobStatus
-from app.errors import ApiErrorCode, ServiceUnavailable, StorageFull
+from app.errors import ApiErrorCode, ServiceError, ServiceUnavailable, StorageFull
 from app.jobs.failures import out_of_space
 from app.jobs.models import lowerings
 
 log = logging.getLogger("app.jobs")
 F = TypeVar("F", bound=Callable[..., Any])
+ADMISSION_LOCK_ID = 0x6C6F7765
+"""PostgreSQL advisory lock key of admissions and deletions (one lock, every replica)."""
 
 
 class JobFields(TypedDict, total=False):
@@ -112,18 +117,21 @@ def _as_service_errors(method: F) -> F:
         try:
             return method(*args, **kwargs)
         except OperationalError as exc:
-            if out_of_space(exc):
-                raise StorageFull("the job database is out of disk space; delete finished "
-                                  "lowerings or free space, then retry") from exc
-            if is_busy(exc):
-                raise ServiceUnavailable("the job database is busy; retry soon",
-                                         code=ApiErrorCode.DATABASE_BUSY,
-                                         retry_after_s=5) from exc
-            log.error("job database error: %s", exc)
-            raise ServiceUnavailable("the job database cannot be reached; retry soon",
-                                     retry_after_s=5) from exc
+            raise _service_error(exc) from exc
 
     return cast(F, wrapper)
+
+
+def _service_error(exc: OperationalError) -> ServiceError:
+    if out_of_space(exc):
+        return StorageFull("the job database is out of disk space; delete finished "
+                           "lowerings or free space, then retry")
+    if is_busy(exc):
+        return ServiceUnavailable("the job database is busy; retry soon",
+                                  code=ApiErrorCode.DATABASE_BUSY, retry_after_s=5)
+    log.error("job database error: %s", exc)
+    return ServiceUnavailable("the job database cannot be reached; retry soon",
+                              retry_after_s=5)
 
 
 # SQLite answers "database is locked" when writers collide past its busy timeout;
@@ -161,6 +169,42 @@ class JobStore:
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
+        self._local_lock = threading.Lock()
+        database = self.engine.url.database
+        self._lock_file = (f"{database}.admission-lock" if self.engine.dialect.name == "sqlite"
+                           and database and database != ":memory:" else None)
+
+    @contextmanager
+    def admission_lock(self) -> Iterator[None]:
+        """Held by every process using this database while an admission looks for an
+        identical job and records its own, and while a deletion counts an archive's
+        references: so coalescing, cache hits and garbage collection hold across API
+        replicas and worker hosts, not just within one process. PostgreSQL: an advisory
+        lock on a connection held meanwhile; SQLite: an flock next to the database file."""
+        with self._local_lock:
+            if self.engine.dialect.name == "postgresql":
+                try:
+                    conn = self.engine.connect()
+                    conn.execute(text("SELECT pg_advisory_lock(:key)"),
+                                 {"key": ADMISSION_LOCK_ID})
+                except OperationalError as exc:
+                    raise _service_error(exc) from exc
+                try:
+                    yield
+                finally:
+                    try:
+                        conn.execute(text("SELECT pg_advisory_unlock(:key)"),
+                                     {"key": ADMISSION_LOCK_ID})
+                    except OperationalError:  # the session is gone, and its lock with it
+                        log.warning("could not release the admission lock cleanly")
+                    finally:
+                        conn.close()
+            elif self._lock_file is not None:
+                with open(self._lock_file, "a+b") as handle:
+                    fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+                    yield
+            else:
+                yield
 
     def close(self) -> None:
         self.engine.dispose()

@@ -14,8 +14,7 @@ import os
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +37,12 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import OperationalError
 
 from app.jobs import migrate
 from app.jobs.models import lowerings
 from app.jobs.store import JobStore
 from app.storage.artifacts import LocalArtifactStore
 from tests.conftest import ROOT, Server
-
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 # Release 0.1's table, frozen: its service ran create_all on exactly this. Never update it.
 RELEASE_01 = MetaData()
@@ -104,34 +100,6 @@ JOBS = [
     {**COMMON, "id": "f" * 32, "status": "queued", "timings": {}, "parent_id": "a" * 32,
      "cache_hit": True},
 ]
-
-
-def _postgres_reachable() -> bool:
-    engine = create_engine(PG_ADMIN_URL)
-    try:
-        with engine.connect():
-            return True
-    except OperationalError:
-        return False
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database, dropped afterwards."""
-    if not _postgres_reachable():
-        pytest.skip("PostgreSQL at 127.0.0.1:5432 is not reachable")
-    name = f"mig_{uuid.uuid4().hex}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
