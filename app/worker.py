@@ -10,6 +10,7 @@ opens without following links, checks as a pt2 zip and copies into the store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,16 +18,18 @@ import os
 import queue
 import shutil
 import stat
+import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from app import __version__
 from app.constants import ErrorCode, Phase
-from app.errors import JobError
+from app.errors import JobError, ObjectStoreUnavailable
 from app.jobs import failures
 from app.jobs.lifecycle import ArtifactLost, JobLifecycle
 from app.jobs.store import JobRecord
@@ -163,14 +166,15 @@ def _take_compiled(job: JobRecord, scratch: Path,
     this job's code key whose archive can give them; (None, None): compile afresh."""
     for donor in ctx.lifecycle.code_donors(job):
         sha = donor["artifact_sha256"]
-        location = ctx.artifacts.location(sha) if sha else None
-        if not isinstance(location, Path):
-            continue  # a remote store: not reused yet
+        if not sha:
+            continue
         dest = scratch / COMPILED_DIR
         try:
-            names = take_compiled(location, delegate=f"{job['model_name']}-{job['backend_id']}",
-                                  dest=dest, max_bytes=ctx.settings.max_artifact_bytes)
-        except (NotReusable, OSError) as exc:
+            with _donor_archive(sha, ctx) as archive:
+                names = take_compiled(archive, delegate=f"{job['model_name']}-"
+                                      f"{job['backend_id']}", dest=dest,
+                                      max_bytes=ctx.settings.max_artifact_bytes)
+        except (NotReusable, OSError, ObjectStoreUnavailable) as exc:
             log.warning("job %s: compiled code of job %s not taken: %s", job["id"],
                         donor["id"], exc)
             shutil.rmtree(dest, ignore_errors=True)
@@ -179,6 +183,21 @@ def _take_compiled(job: JobRecord, scratch: Path,
                  donor["id"], len(names))
         return donor["id"], names
     return None, None
+
+
+@contextlib.contextmanager
+def _donor_archive(sha256: str, ctx: JobContext) -> Iterator[Path]:
+    """The stored archive as a local file: the file itself, or (an object store) a private
+    copy fetched outside the job's scratch dir, so the sandbox never sees the earlier job's
+    weights; removed once its compiled files are taken."""
+    location = ctx.artifacts.location(sha256)
+    if isinstance(location, Path):
+        yield location
+        return
+    with tempfile.TemporaryDirectory(dir=ctx.settings.scratch_dir, prefix="donor-") as held:
+        copy = Path(held) / "donor.pt2"
+        ctx.artifacts.fetch(sha256, copy)
+        yield copy
 
 
 def _follow(job: JobRecord, child: SandboxedChild, ctx: JobContext,

@@ -115,3 +115,28 @@ def test_an_unusable_bucket_refuses_to_start_in_one_line(
     assert "LOWERING_STORAGE=s3: bucket 'no-such-bucket'" in refusals[0]
     assert ("cannot connect" if case == "unreachable" else "no such bucket") in refusals[0]
     assert "Traceback" not in log
+
+
+def test_a_fine_tune_reuses_compiled_code_from_the_bucket(
+    start_server: Callable[..., Server], endpoint: str, bucket: tuple[Any, str],
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    from tests.models import fine_tune
+
+    for name, seed in (("base", 10), ("tuned", 11)):
+        torch.export.save(fine_tune(seed), str(tmp_path / f"{name}.pt2"))
+    server = _s3_server(start_server, endpoint, bucket[1], s3_downloads="stream")
+    jobs = {}
+    with httpx.Client(base_url=server.url, timeout=600) as http:
+        for name in ("base", "tuned"):
+            response = submit(http, tmp_path / f"{name}.pt2", wait=600, model_name="m")
+            assert response.status_code == 200, response.text
+            jobs[name] = http.get(f"/v1/lowerings/{response.headers['x-lowering-id']}").json()
+            assert hashlib.sha256(response.content).hexdigest() == \
+                jobs[name]["artifact"]["sha256"]
+    # The donor archive was fetched from the bucket into a private dir, then removed.
+    assert jobs["tuned"]["code_reused_from"] == jobs["base"]["id"]
+    assert jobs["tuned"]["verification"]["passed"] is True
+    assert not list((server.data_dir / "scratch").glob("donor-*"))
