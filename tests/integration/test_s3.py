@@ -295,3 +295,23 @@ def test_an_unreachable_store_is_a_service_error_within_seconds(tmp_path: Path) 
         assert error.retry_after_s and "connect" in error.message.lower(), error.message
     source.close()
     assert staged.exists()  # a failed commit keeps the staged file for the caller to discard
+
+
+def test_the_local_store_fetches_and_reads_a_private_copy(tmp_path: Path) -> None:
+    from app.storage.artifacts import LocalArtifactStore
+
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    with _payload(tmp_path, 3 * 1024**2 + 5).open("rb") as handle:
+        ref = store.put_stream(handle)
+    data = store.location(ref.sha256).read_bytes()
+    assert b"".join(store.open_chunks(ref.sha256)) == data
+    store.fetch(ref.sha256, copy := tmp_path / "copy.pt2")
+    assert copy.read_bytes() == data and copy.stat().st_ino != \
+        store.location(ref.sha256).stat().st_ino
+    copy.write_bytes(b"changed")  # the copy is ours to change
+    assert store.is_intact(ref.sha256)
+    store.remove(ref.sha256)
+    with pytest.raises(FileNotFoundError):
+        store.open_chunks(ref.sha256)
+    with pytest.raises(FileNotFoundError):
+        store.fetch(ref.sha256, tmp_path / "gone.pt2")

@@ -263,10 +263,11 @@ async def _artifact_response(job: JobRecord, artifacts: ArtifactStore,
     headers = {"ETag": etag, "X-Lowering-Id": job["id"], "Cache-Control": "private, max-age=0"}
     if _matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
+    corrupt = ArtifactCorrupt(
+        f"the stored artifact of lowering {job['id']} is missing or no longer matches its "
+        "sha256 and will not be served; submit the program again with ?cache=bypass")
     if not await to_thread.run_sync(artifacts.is_intact, sha256):
-        raise ArtifactCorrupt(
-            f"the stored artifact of lowering {job['id']} is missing or no longer matches its "
-            "sha256 and will not be served; submit the program again with ?cache=bypass")
+        raise corrupt
     where = await to_thread.run_sync(artifacts.location, sha256)
     if isinstance(where, str):  # an object store: the client fetches it from there
         return RedirectResponse(where, status_code=307, headers=headers)
@@ -276,7 +277,10 @@ async def _artifact_response(job: JobRecord, artifacts: ArtifactStore,
                         "Content-Disposition": f'attachment; filename="{filename}"'})
         if request.method == "HEAD":
             return Response(media_type="application/zip", headers=headers)
-        chunks = await to_thread.run_sync(artifacts.open_chunks, sha256)
+        try:
+            chunks = await to_thread.run_sync(artifacts.open_chunks, sha256)
+        except FileNotFoundError:  # removed since is_intact
+            raise corrupt from None
         return StreamingResponse(chunks, media_type="application/zip", headers=headers)
     return FileResponse(where, media_type="application/zip", headers=headers,
                         filename=filename)
