@@ -128,6 +128,9 @@ class LoweringPublic(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase")
     toolchain: dict[str, Any] | None = None
     worker_pid: int | None = None
+    worker: str | None = Field(
+        None, description="node name of the worker host that ran (or runs) it, "
+        "e.g. local@<hostname> or host-a@<hostname>")
     attempts: int = 0
     cache_hit: bool = Field(False, description="served from an identical earlier lowering")
     coalesced_with: str | None = Field(

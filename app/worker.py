@@ -17,13 +17,14 @@ import math
 import os
 import queue
 import shutil
+import socket
 import stat
 import tempfile
 import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +59,8 @@ class JobContext:
     uploads: UploadStore
     logs: LogStore
     artifacts: ArtifactStore
+    worker: str = field(default_factory=lambda: f"local@{socket.gethostname()}")
+    """The node name jobs run here are recorded under (job JSON ``worker``)."""
 
 
 @dataclass
@@ -79,9 +82,10 @@ def run_job(job_id: str, child: SandboxedChild, ctx: JobContext, *,
     child was not touched. "stopped": it was cancelled, or ``stop`` was set, while it
     ran; the child is gone and the status was left to whoever stopped it.
     """
-    job = ctx.lifecycle.claim(job_id, worker_pid=child.pid)
+    job = ctx.lifecycle.claim(job_id, worker_pid=child.pid, worker=ctx.worker)
     if job is None:
         return "not_claimed"
+    attempt = job["attempts"]  # every later write is fenced by it
     ctx.logs.adopt(job_id, child.log_path)  # the child keeps writing to the same file
     outcome = Outcome()
     try:
@@ -113,7 +117,7 @@ def run_job(job_id: str, child: SandboxedChild, ctx: JobContext, *,
         # a failure is recorded only once it is gone.
         shutil.rmtree(child.scratch, ignore_errors=True)
     assert outcome.error is not None
-    ctx.lifecycle.fail(job_id, outcome.error, resources=resources)
+    ctx.lifecycle.fail(job_id, outcome.error, resources=resources, attempt=attempt)
     return "finished"
 
 
@@ -127,7 +131,8 @@ def _succeed(job: JobRecord, scratch: Path, result: dict[str, Any],
             ctx.lifecycle.succeed(job["id"], artifact=ref, timings=result["timings"],
                                   verification=result["verification"],
                                   toolchain=result["toolchain"], profile=result["profile"],
-                                  resources=resources, code_reused_from=donor)
+                                  resources=resources, code_reused_from=donor,
+                                  attempt=job["attempts"])
             return
         except ArtifactLost:
             continue
@@ -212,7 +217,7 @@ def _follow(job: JobRecord, child: SandboxedChild, ctx: JobContext,
         now = time.monotonic()
         if now >= next_check:
             next_check = now + PROGRESS_CHECK_S
-            if not lifecycle.progress(job["id"]):
+            if not lifecycle.progress(job["id"], attempt=job["attempts"]):
                 stop.set()
         if stop.is_set():
             child.kill()
@@ -234,7 +239,7 @@ def _follow(job: JobRecord, child: SandboxedChild, ctx: JobContext,
         kind = event["event"]
         if kind == "phase" and event.get("phase") in Phase.__members__.values():
             phase = Phase(event["phase"])
-            if not lifecycle.progress(job["id"], phase=phase):
+            if not lifecycle.progress(job["id"], phase=phase, attempt=job["attempts"]):
                 stop.set()
         elif kind == "done":
             return Outcome(result=_checked_result(event.get("result")),

@@ -75,3 +75,11 @@ def timed_out(*, limit_s: float, setting: str, phase: str | None) -> JobError:
 def interrupted(message: str) -> JobError:
     """The service lost the job: stopped too often while it ran, or its supervisor died."""
     return JobError(ErrorCode.INTERRUPTED, message)
+
+
+def lease_lost(*, attempts: int, worker: str | None) -> JobError:
+    """A job whose worker stopped renewing its claim on every attempt."""
+    return JobError(ErrorCode.WORKER_CRASHED,
+                    f"the job's worker ({worker or 'unknown'}) stopped answering while it "
+                    f"ran, {attempts} times (a host died or hung on it); resubmit it",
+                    {"attempts": attempts})

@@ -19,6 +19,7 @@ The lock is per process: one API process owns admission on a host.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
 }
 ACTIVE = (Q, R)
 MAX_ATTEMPTS = 2
+DEFAULT_LEASE_S = 60.0
+"""How long a claim holds without renewal; run_job renews it every 2 s."""
 LOG_TAIL_BYTES = 4000
 # What a finished job hands on to the jobs that waited on it.
 INHERITED = ("artifact_sha256", "artifact_size_bytes", "verification", "toolchain", "profile",
@@ -88,11 +91,14 @@ class JobLifecycle:
     :param artifacts: archives (removed when no job references them any more).
     :param listeners: told about every terminal change.
     :param dispatch: hands a job id to the executor; set once the executor exists.
+    :param lease_s: how long a worker's claim on a job holds unless renewed.
     """
 
     def __init__(self, store: JobStore, *, uploads: UploadStore, logs: LogStore,
                  artifacts: ArtifactStore, listeners: Sequence[JobListener] = (),
-                 dispatch: Callable[[str], None] | None = None) -> None:
+                 dispatch: Callable[[str], None] | None = None,
+                 lease_s: float = DEFAULT_LEASE_S) -> None:
+        self.lease_s = lease_s
         self.store = store
         self.uploads = uploads
         self.logs = logs
@@ -144,17 +150,57 @@ class JobLifecycle:
         self._dispatch(job["id"])
         return Admission(job, must_run=True)
 
-    def claim(self, job_id: str, *, worker_pid: int | None) -> JobRecord | None:
-        """queued -> running for the worker about to run it; None if it is not queued
-        (cancelled or deleted while it waited), so the worker leaves it alone."""
+    def claim(self, job_id: str, *, worker_pid: int | None,
+              worker: str | None = None) -> JobRecord | None:
+        """queued -> running for ``worker`` (a worker host's node name), under a lease it
+        renews through ``progress``. A job left running whose lease expired (its host
+        died or hung) is taken over, its attempt counted: at MAX_ATTEMPTS it fails
+        ``worker_crashed`` instead. None when there is nothing to run: the job is final,
+        deleted, a follower, or running under a live lease (a duplicate delivery)."""
         job = self.store.get(job_id)
         if job is None or job["parent_id"] is not None:
             return None
-        attempts = job["attempts"] + 1
+        if job["status"] == R.value and not self._requeue_expired(job, dispatch=False):
+            return None
+        current = self.store.get(job_id)
+        if current is None:
+            return None
         if not self._move(job_id, from_=[Q], to=R, phase=Phase.LOAD.value,
-                          worker_pid=worker_pid, attempts=attempts):
+                          worker_pid=worker_pid, worker=worker,
+                          attempts=current["attempts"] + 1,
+                          lease_expires_at=self._lease_end()):
             return None
         return self.store.get(job_id)
+
+    def reap(self) -> int:
+        """Running jobs whose lease expired go back to the queue and are dispatched again
+        (or fail ``worker_crashed`` at MAX_ATTEMPTS); returns how many were re-queued.
+        Safe to run from every process: each move is guarded by the expired lease and the
+        attempt it belonged to."""
+        return sum(self._requeue_expired(job, dispatch=True)
+                   for job in self.store.expired_leases(now=utcnow()))
+
+    def _requeue_expired(self, job: JobRecord, *, dispatch: bool) -> bool:
+        now = utcnow()
+        expires = job["lease_expires_at"]
+        if expires is None or expires >= now:
+            return False
+        guard = {"attempt": job["attempts"], "lease_expired_at": now}
+        if job["attempts"] < MAX_ATTEMPTS:
+            log.warning("job %s: the lease of %s expired; running it again", job["id"],
+                        job["worker"])
+            moved = self._move(job["id"], from_=[R], to=Q, started_at=None, phase=None,
+                               worker_pid=None, worker=None, **guard)
+            if moved and dispatch:
+                self._dispatch(job["id"])
+            return moved
+        error = failures.lease_lost(attempts=job["attempts"], worker=job["worker"])
+        if self._move(job["id"], from_=[R], to=F, error=error.as_dict(), **guard):
+            self._finished(job["id"])
+        return False
+
+    def _lease_end(self) -> dt.datetime:
+        return utcnow() + dt.timedelta(seconds=self.lease_s)
 
     def code_donors(self, job: JobRecord) -> list[JobRecord]:
         """Succeeded jobs whose compiled files ``job`` may take instead of compiling (the
@@ -164,19 +210,21 @@ class JobLifecycle:
             return []
         return self.store.find_code_donors(code_key=key, exclude_id=job["id"])
 
-    def progress(self, job_id: str, *, phase: Phase | None = None) -> bool:
-        """Record the phase a running job reached; False means stop: it is no longer
-        running (cancelled, deleted, or failed by a sweep)."""
+    def progress(self, job_id: str, *, phase: Phase | None = None,
+                 attempt: int | None = None) -> bool:
+        """Renew the lease of a running job (and record the phase it reached); False
+        means stop: it is no longer running in ``attempt`` (cancelled, deleted, failed by a
+        sweep, or taken over by another worker after its lease expired)."""
+        fields: JobFields = {"lease_expires_at": self._lease_end()}
         if phase is not None:
-            return self.store.update_running(job_id, phase=phase.value)
-        job = self.store.get(job_id)
-        return job is not None and job["status"] == R.value
+            fields["phase"] = phase.value
+        return self.store.update_running(job_id, attempt=attempt, **fields)
 
     def succeed(self, job_id: str, *, artifact: ArtifactRef, timings: dict[str, float],
                 verification: dict[str, Any] | None, toolchain: dict[str, Any] | None,
                 resources: dict[str, Any] | None,
                 profile: dict[str, Any] | None = None,
-                code_reused_from: str | None = None) -> bool:
+                code_reused_from: str | None = None, attempt: int | None = None) -> bool:
         """running -> succeeded with its stored archive. Raises ArtifactLost when a
         concurrent delete removed that archive first (the worker stores it again)."""
         with self.store.admission_lock():
@@ -188,19 +236,20 @@ class JobLifecycle:
                 artifact_size_bytes=artifact.size_bytes,
                 timings={**(job["timings"] or {}), **timings},
                 verification=verification, toolchain=toolchain, profile=profile,
-                resources=resources, code_reused_from=code_reused_from)
+                resources=resources, code_reused_from=code_reused_from, attempt=attempt)
         if moved:
             self._finished(job_id)
         return moved
 
     def fail(self, job_id: str, error: JobError, *,
-             resources: dict[str, Any] | None = None) -> bool:
+             resources: dict[str, Any] | None = None, attempt: int | None = None) -> bool:
         """running -> failed; the log tail goes with errors it helps explain."""
         record = error.as_dict()
         if error.code in failures.LOGGED_CODES:
             record["detail"] = {**record["detail"],
                                 "log_tail": self.logs.tail(job_id, LOG_TAIL_BYTES)}
-        moved = self._move(job_id, from_=[R], to=F, error=record, resources=resources)
+        moved = self._move(job_id, from_=[R], to=F, error=record, resources=resources,
+                           attempt=attempt)
         if moved:
             self._finished(job_id)
         return moved

@@ -64,6 +64,10 @@ lowerings = Table(
     # when its code depends on weight values), and the job whose compiled files it took.
     Column("code_key", String(64)),
     Column("code_reused_from", String(32)),
+    # Who runs it (a worker host's node name) and until when its claim holds: a running
+    # job whose lease expired is taken over or re-queued (JobLifecycle.claim, reap).
+    Column("worker", String(255)),
+    Column("lease_expires_at", DateTime(timezone=True)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
@@ -72,4 +76,5 @@ lowerings = Table(
     Index("ix_lowerings_cache_key", "cache_key", "status"),
     Index("ix_lowerings_parent", "parent_id"),
     Index("ix_lowerings_code_key", "code_key", "status"),
+    Index("ix_lowerings_status_lease", "status", "lease_expires_at"),
 )

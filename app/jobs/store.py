@@ -58,6 +58,8 @@ class JobFields(TypedDict, total=False):
     parent_id: str | None
     code_key: str | None
     code_reused_from: str | None
+    worker: str | None
+    lease_expires_at: dt.datetime | None
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
@@ -94,6 +96,8 @@ class JobRecord(TypedDict):
     parent_id: str | None
     code_key: str | None
     code_reused_from: str | None
+    worker: str | None
+    lease_expires_at: dt.datetime | None
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
@@ -270,31 +274,41 @@ class JobStore:
     @retry_busy
     def transition(
         self, job_id: str, *, from_: Iterable[JobStatus], to: JobStatus,
+        attempt: int | None = None, lease_expired_at: dt.datetime | None = None,
         **fields: Unpack[JobFields],
     ) -> bool:
-        """Move a job to ``to`` only if it is in one of ``from_``; True when it moved."""
+        """Move a job to ``to`` only if it is in one of ``from_`` (and, if given, still in
+        its ``attempt``, or its lease expired by ``lease_expired_at``); True when it moved."""
         values: dict[str, Any] = {"status": to.value, **fields}
         if to is JobStatus.RUNNING:
             values.setdefault("started_at", utcnow())
+        if to.is_final or to is JobStatus.QUEUED:
+            values.setdefault("lease_expires_at", None)
         if to.is_final:
             values.setdefault("finished_at", utcnow())
             values.setdefault("phase", None)
-        query = (
-            update(lowerings)
-            .where(lowerings.c.id == job_id)
-            .where(lowerings.c.status.in_([s.value for s in from_]))
-            .values(**values)
-        )
+        query = _guarded(update(lowerings).where(lowerings.c.id == job_id), attempt,
+                         lease_expired_at).where(
+            lowerings.c.status.in_([s.value for s in from_])).values(**values)
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount == 1
 
     @_as_service_errors
+    def expired_leases(self, *, now: dt.datetime) -> list[JobRecord]:
+        """Running jobs whose worker stopped renewing its lease before ``now``."""
+        query = (select(lowerings).where(lowerings.c.status == JobStatus.RUNNING.value)
+                 .where(lowerings.c.lease_expires_at < now).order_by(lowerings.c.seq))
+        with self.engine.connect() as conn:
+            return [_as_job(row._mapping) for row in conn.execute(query)]
+
+    @_as_service_errors
     @retry_busy
-    def update_running(self, job_id: str, **fields: Unpack[JobFields]) -> bool:
-        """Record progress (phase, timings) of a job that is still running."""
+    def update_running(self, job_id: str, *, attempt: int | None = None,
+                       **fields: Unpack[JobFields]) -> bool:
+        """Record progress (phase, lease) of a job that is still running (in ``attempt``,
+        if given: a worker whose job was taken over must not write to it)."""
         query = (
-            update(lowerings)
-            .where(lowerings.c.id == job_id)
+            _guarded(update(lowerings).where(lowerings.c.id == job_id), attempt, None)
             .where(lowerings.c.status == JobStatus.RUNNING.value)
             .values(**fields)
         )
@@ -370,9 +384,18 @@ class JobStore:
                          .values(parent_id=parent_id))
 
 
+def _guarded(query: Any, attempt: int | None, lease_expired_at: dt.datetime | None) -> Any:
+    """The fencing guards of a write: the claim it belongs to, an expired lease."""
+    if attempt is not None:
+        query = query.where(lowerings.c.attempts == attempt)
+    if lease_expired_at is not None:
+        query = query.where(lowerings.c.lease_expires_at < lease_expired_at)
+    return query
+
+
 def _as_job(mapping: Any) -> JobRecord:
     job = dict(mapping)
-    for key in ("created_at", "started_at", "finished_at"):
+    for key in ("created_at", "started_at", "finished_at", "lease_expires_at"):
         value = job.get(key)
         # SQLite hands back naive datetimes; everything we store is UTC.
         if value is not None and value.tzinfo is None:

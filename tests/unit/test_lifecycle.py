@@ -4,6 +4,7 @@ recovery, and artifact deletion that a concurrent cache hit cannot outrun."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import threading
 import time
@@ -284,3 +285,66 @@ def test_key_covers_what_shapes_the_artifact() -> None:
     march = cache_key(input_sha256="a" * 64, params={**PARAMS, "options": {"cpp.march": "x"}},
                       toolchain=TOOLCHAIN)
     assert march != base
+
+
+# -- leases: the job database is the truth across worker hosts ---------------------------
+
+def _expire(life: JobLifecycle, job_id: str) -> None:
+    """As if the worker host stopped renewing a while ago (it died or hung)."""
+    from app.jobs.store import utcnow
+
+    life.store.update_running(job_id, lease_expires_at=utcnow() - dt.timedelta(seconds=1))
+
+
+def test_a_claim_holds_a_lease_that_progress_renews(life: JobLifecycle) -> None:
+    job_id = life.admit(_fields(), use_cache=False).job["id"]
+    claimed = life.claim(job_id, worker_pid=7, worker="host-a@box")
+    assert claimed is not None and claimed["worker"] == "host-a@box"
+    first = claimed["lease_expires_at"]
+    assert first is not None and first > claimed["started_at"]
+    time.sleep(0.01)
+    assert life.progress(job_id, attempt=1)
+    renewed = life.store.get(job_id)
+    assert renewed is not None and renewed["lease_expires_at"] > first
+    # A duplicate delivery while the lease holds is a no-op, and reaping finds nothing.
+    assert life.claim(job_id, worker_pid=8, worker="host-b@box") is None
+    assert life.reap() == 0
+    assert _status(life, job_id) == "running"
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_worker_is_fenced_off(
+        life: JobLifecycle) -> None:
+    job_id = life.admit(_fields(), use_cache=False).job["id"]
+    assert life.claim(job_id, worker_pid=7, worker="host-a@box") is not None
+    _expire(life, job_id)
+    taken = life.claim(job_id, worker_pid=8, worker="host-b@box")
+    assert taken is not None and taken["worker"] == "host-b@box" and taken["attempts"] == 2
+    # host-a comes back: none of its writes lands on host-b's run.
+    assert not life.progress(job_id, phase=Phase.VERIFY, attempt=1)
+    assert not life.fail(job_id, JobError(ErrorCode.INTERNAL, "late"), attempt=1)
+    assert not life.succeed(job_id, artifact=_stored(life), timings={}, verification=None,
+                            toolchain=None, resources=None, attempt=1)
+    assert _status(life, job_id) == "running"
+    assert life.succeed(job_id, artifact=_stored(life), timings={}, verification=None,
+                        toolchain=None, resources=None, attempt=2)
+    done = life.store.get(job_id)
+    assert done is not None and done["status"] == "succeeded"
+    assert done["worker"] == "host-b@box" and done["lease_expires_at"] is None
+
+
+def test_reap_requeues_a_silent_host_s_job_then_fails_it_at_the_cap(
+        life: JobLifecycle, seen: Recorder) -> None:
+    job_id = life.admit(_fields(), use_cache=False).job["id"]
+    assert life.claim(job_id, worker_pid=7, worker="host-a@box") is not None
+    _expire(life, job_id)
+    assert life.reap() == 1
+    assert _status(life, job_id) == "queued" and seen.dispatched == [job_id, job_id]
+    assert life.claim(job_id, worker_pid=8, worker="host-b@box") is not None
+    _expire(life, job_id)
+    assert life.reap() == 0  # attempt 2 of MAX_ATTEMPTS: it does not loop
+    failed = life.store.get(job_id)
+    assert failed is not None and failed["status"] == "failed"
+    assert failed["error"]["code"] == "worker_crashed"
+    assert "host-b@box" in failed["error"]["message"]
+    assert seen.finished == [(job_id, "failed")]
+    assert life.claim(job_id, worker_pid=9, worker="host-c@box") is None
