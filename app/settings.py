@@ -77,6 +77,15 @@ class Settings(BaseSettings):
     verify_rtol: float = Field(1e-4, ge=0)
     verify_atol: float = Field(1e-4, ge=0)
     log_level: str = "info"
+    executor: Literal["local", "celery"] = Field(
+        "local", description="local: jobs run on this host's worker slots; celery: jobs go "
+        "to worker hosts (`lowering-service worker`) through LOWERING_BROKER_URL")
+    broker_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672//", description="the RabbitMQ (AMQP) URL of the "
+        "fleet (LOWERING_EXECUTOR=celery and every worker host); never reaches a sandbox")
+    worker_max_jobs_per_process: int = Field(
+        20, ge=1, description="a worker host's Celery process is replaced after this many "
+        "jobs (worker_max_tasks_per_child)")
     archive_max_members: int = Field(100_000, ge=1, description="zip entries in an upload")
     archive_max_total_bytes: int | None = Field(
         None, gt=0, description="uncompressed size of all members; default 2 x max_upload_bytes")
