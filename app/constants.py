@@ -64,6 +64,7 @@ class ErrorCode(enum.StrEnum):
     WORKER_CRASHED = "worker_crashed"
     INTERRUPTED = "interrupted"
     STORAGE_FULL = "storage_full"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
     RESOURCE_LIMIT = "resource_limit"
     INTERNAL = "internal_error"
 

@@ -151,6 +151,9 @@ def _hand_over(job: JobRecord, child: SandboxedChild, ctx: JobContext) -> str | 
         error = failures.error_for(exc)
         raise JobError(error.code, f"the upload could not be handed to the sandbox: "
                        f"{exc.strerror}") from exc
+    except ObjectStoreUnavailable as exc:
+        raise JobError(ErrorCode.STORAGE_UNAVAILABLE, "the upload could not be fetched from "
+                       f"the object store: {exc.message}") from exc
     donor, compiled = _take_compiled(job, child.scratch, ctx)
     child.send({
         "job_id": job["id"], "model_name": job["model_name"], "backend_id": job["backend_id"],
@@ -334,6 +337,9 @@ def _collect(scratch: Path, job: JobRecord, ctx: JobContext) -> ArtifactRef:
             error = failures.error_for(exc)
             raise JobError(error.code, f"the archive could not be stored: {exc.strerror}"
                            ) from exc
+        except ObjectStoreUnavailable as exc:  # nothing is stored: S3 puts are atomic
+            raise JobError(ErrorCode.STORAGE_UNAVAILABLE, "the archive could not be stored "
+                           f"in the object store: {exc.message}") from exc
 
 
 def _check_archive(handle: Any, model_name: str, backend_id: str) -> None:

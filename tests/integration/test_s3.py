@@ -315,3 +315,42 @@ def test_the_local_store_fetches_and_reads_a_private_copy(tmp_path: Path) -> Non
         store.open_chunks(ref.sha256)
     with pytest.raises(FileNotFoundError):
         store.fetch(ref.sha256, tmp_path / "gone.pt2")
+
+
+@pytest.mark.usefixtures("endpoint")
+def test_an_object_store_failure_during_a_job_is_a_clear_job_error(tmp_path: Path) -> None:
+    """The supervisor's two object-store steps, the input handed over and the archive
+    stored, fail the job ``storage_unavailable`` (not an internal error)."""
+    from typing import cast
+
+    from app.constants import ErrorCode
+    from app.errors import JobError
+    from app.settings import Settings
+    from app.worker import JobContext, _collect, _hand_over
+    from tests.factories import zip_bytes
+
+    dead = make_client(endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1")
+    ctx = JobContext(settings=Settings(data_dir=tmp_path / "data"), lifecycle=cast(Any, None),
+                     uploads=S3UploadStore(dead, bucket="lowering",
+                                           staging_root=tmp_path / "uploads"),
+                     logs=cast(Any, None), artifacts=S3ArtifactStore(dead, bucket="lowering"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "artifact.pt2").write_bytes(zip_bytes({
+        "archive/models/m.json": b"{}", "archive/models/m-aoti.json": b"{}",
+        "archive/extra/provenance.json": b"{}"}))
+    job = cast(Any, {"id": "j" * 32, "model_name": "m", "backend_id": "aoti",
+                     "code_key": None})
+    with pytest.raises(JobError) as stored:
+        _collect(scratch, job, ctx)
+    assert stored.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "archive could not be stored" in stored.value.message
+
+    class Child:
+        scratch = tmp_path / "scratch"
+        may_hardlink_inputs = False
+
+    with pytest.raises(JobError) as fetched:
+        _hand_over(job, cast(Any, Child()), ctx)
+    assert fetched.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "upload could not be fetched" in fetched.value.message
