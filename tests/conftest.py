@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,45 @@ def linear(server: Server, programs: Path) -> dict[str, Any]:
         assert response.status_code == 200, response.text
         job = http.get(f"/v1/lowerings/{response.headers['x-lowering-id']}").json()
     return {"response": response, "job": job, "archive": response.content}
+
+
+# -- an S3 server (moto), for the object-store tests -----------------------------------
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+               "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+
+@contextmanager
+def moto_server(log_dir: Path) -> Iterator[str]:
+    """A moto S3 server on a free port; yields its endpoint URL."""
+    port = free_port()
+    moto = Path(sys.executable).parent / "moto_server"
+    with (log_dir / f"moto-{port}.log").open("ab") as log:
+        proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start: {log_dir}") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in CREDENTIALS.items():
+            patch.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+            patch.delenv(key, raising=False)
+        with moto_server(tmp_path_factory.mktemp("moto")) as url:
+            yield url

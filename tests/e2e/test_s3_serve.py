@@ -6,7 +6,7 @@ import hashlib
 import io
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -15,22 +15,10 @@ import httpx
 import pytest
 
 from app.storage.s3 import make_client
-from tests.conftest import Server, free_port
+from tests.conftest import CREDENTIALS, Server, free_port
 from tests.factories import submit
-from tests.integration.test_s3 import CREDENTIALS, moto_server
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in CREDENTIALS.items():
-            patch.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
-            patch.delenv(key, raising=False)
-        with moto_server(tmp_path_factory.mktemp("moto")) as url:
-            yield url
 
 
 @pytest.fixture

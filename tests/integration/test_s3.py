@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -29,46 +25,8 @@ from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-               "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 # moto refuses parts under 5 MiB (but the last), as S3 does.
 SMALL_PARTS = transfer_config(threshold=5 * 1024**2, part=5 * 1024**2)
-
-
-@contextmanager
-def moto_server(log_dir: Path) -> Iterator[str]:
-    """A moto S3 server on a free port; yields its endpoint URL."""
-    port = free_port()
-    moto = Path(sys.executable).parent / "moto_server"
-    with (log_dir / f"moto-{port}.log").open("ab") as log:
-        proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{endpoint}/moto-api/", timeout=1)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start: {log_dir}") from None
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in CREDENTIALS.items():
-            patch.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
-            patch.delenv(key, raising=False)
-        with moto_server(tmp_path_factory.mktemp("moto")) as url:
-            yield url
 
 
 @pytest.fixture
