@@ -8,6 +8,12 @@ TMPDIR under it). Output passes through; the exit status is CMD's.
 ``lowering-service migrate`` brings the job database (LOWERING_DATABASE_URL, or jobs.db
 in LOWERING_DATA_DIR) to the schema this release needs; ``migrate --check`` only reports,
 exiting 1 when the database is behind or the models and migrations disagree.
+
+``lowering-service worker --name host-a [--queues cpu]`` runs a worker host of the fleet
+(LOWERING_EXECUTOR=celery on the API): a Celery worker on LOWERING_BROKER_URL with
+LOWERING_WORKERS processes, each running jobs in fresh sandboxes; it consumes the queues
+this host can serve (cpu, and cuda.smNN per GPU type) unless --queues says otherwise,
+and appears in job JSON as ``worker``: host-a@<hostname>.
 """
 
 from __future__ import annotations
@@ -89,7 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     migrate = commands.add_parser("migrate", help="bring the job database to this release")
     migrate.add_argument("--check", action="store_true",
                          help="change nothing; exit 1 unless at head and matching the models")
+    host = commands.add_parser("worker", help="run jobs from the fleet's broker on this host")
+    host.add_argument("--name", required=True, help="this host's name (node host-a@<hostname>)")
+    host.add_argument("--queues", default=None,
+                      help="comma-separated queues to consume; default what this host serves")
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        from app.executors.celery_worker import main as worker_main
+
+        queues = [q for q in (args.queues or "").split(",") if q.strip()] or None
+        return worker_main(name=args.name, queues=queues)
     if args.command == "sandbox-run":
         return _sandbox_run(args.cmd)
     if args.command == "migrate":

@@ -45,9 +45,14 @@ def create_app(settings: Settings | None = None, *,
     """Build the app; stores, the lifecycle and the executor open in the lifespan.
 
     :param make_executor: builds the executor from the job context; default the local
-        one (sandboxed children on this host). In-process route tests pass a fake.
+        one (sandboxed children on this host), or with LOWERING_EXECUTOR=celery the fleet's
+        (worker hosts over RabbitMQ). In-process route tests pass a fake.
     """
     settings = settings or Settings()
+    if make_executor is None and settings.executor == "celery":
+        from app.executors.celery_executor import CeleryExecutor  # jobs on worker hosts
+
+        make_executor = CeleryExecutor
     make_executor = make_executor or LocalExecutor
 
     @asynccontextmanager

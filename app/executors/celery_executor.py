@@ -1,0 +1,211 @@
+"""The API's side of the fleet (LOWERING_EXECUTOR=celery): publish jobs, watch hosts.
+
+``submit`` publishes "run job X" to the queue of the job's target (cpu, or the compute
+capability queue of a live GPU host). Nothing runs here. Every few seconds the
+executor asks the worker hosts for their records (a Celery remote-control broadcast,
+``lowering_host``): the live host classes make ``/v1/info``, readiness and the
+toolchain the cache key is computed with. A cancel needs nothing from here: the job's
+supervisor on whichever host runs it sees the status at its next progress check (2 s)
+and kills the sandbox. A daemon thread runs the lifecycle's lease reaper: a job whose
+host died silently is dispatched again once its lease expired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
+
+from app.executors.celery_app import (
+    CPU_QUEUE,
+    CUDA_QUEUE,
+    HOST_COMMAND,
+    TASK_NAME,
+    make_celery,
+    time_limits,
+)
+from app.jobs.store import JobRecord
+from app.worker import JobContext
+
+log = logging.getLogger("app.executors.celery")
+HOST_POLL_S = 5.0
+HOST_REPLY_S = 1.0
+HOST_LIVE_S = 20.0
+"""A host that has not answered for this long is no longer listed."""
+TOOLCHAIN_KEYS = ("torch_version", "compiler", "cpu_isa", "cuda_arch")
+
+
+class CeleryExecutor:
+    """Sends jobs to worker hosts over RabbitMQ; the same protocol as the local one."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.lifecycle = ctx.lifecycle
+        self.app = make_celery(ctx.settings)
+        self.toolchain: dict[str, Any] | None = None
+        self.probe_error: str | None = None
+        self._hosts: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._unsent: set[str] = set()
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._polled = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._watch, name="fleet-hosts", daemon=True).start()
+        if callable(getattr(self.lifecycle, "reap", None)):
+            threading.Thread(target=self._reap, name="fleet-reaper", daemon=True).start()
+        else:
+            log.warning("this job lifecycle has no lease reaper: a job on a host that died "
+                        "silently stays running")
+
+    # -- hosts --------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._closing.is_set():
+            try:
+                self.poll_hosts()
+            except Exception as exc:  # the broker is down: hosts age out, nothing else
+                log.warning("cannot ask the worker hosts: %s", exc)
+            self._polled.set()
+            self._closing.wait(HOST_POLL_S)
+
+    def poll_hosts(self) -> None:
+        replies = self.app.control.broadcast(HOST_COMMAND, reply=True, timeout=HOST_REPLY_S)
+        now = time.monotonic()
+        with self._lock:
+            for reply in replies or []:
+                for node, record in reply.items():
+                    if isinstance(record, dict) and isinstance(record.get("queues"), list):
+                        self._hosts[node] = (now, {**record, "name": node})
+            for node, (seen, _) in list(self._hosts.items()):
+                if now - seen > HOST_LIVE_S:
+                    log.warning("worker host %s stopped answering", node)
+                    del self._hosts[node]
+            self.toolchain = self._toolchain()
+
+    def live_hosts(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        with self._lock:
+            return [{**record, "seen_s_ago": round(now - seen, 1)}
+                    for _, (seen, record) in sorted(self._hosts.items())]
+
+    def _toolchain(self) -> dict[str, Any] | None:
+        """The toolchain of the cpu host class (the cache key's), with the GPUs any live
+        host has; None while no host answered."""
+        records = [record for _, record in sorted(self._hosts.values(), key=lambda r: r[1]
+                                                  ["name"])]
+        with_toolchain = [r for r in records if isinstance(r.get("toolchain"), dict)]
+        if not with_toolchain:
+            return None
+        cpu = [r for r in with_toolchain if CPU_QUEUE in r["queues"]] or with_toolchain
+        toolchain = dict(cpu[0]["toolchain"])
+        toolchain["cuda_devices"] = max(int(r["toolchain"].get("cuda_devices") or 0)
+                                        for r in with_toolchain)
+        return toolchain
+
+    def host_classes(self) -> list[dict[str, Any]]:
+        """Live hosts grouped by what they serve and build with."""
+        classes: dict[str, dict[str, Any]] = {}
+        for host in self.live_hosts():
+            toolchain = host.get("toolchain") or {}
+            facts = {key: toolchain.get(key) for key in TOOLCHAIN_KEYS}
+            key = repr((sorted(host["queues"]), sorted(facts.items(), key=str)))
+            entry = classes.setdefault(key, {"queues": host["queues"], "toolchain": facts,
+                                             "hosts": [], "workers": 0, "jobs_running": 0})
+            entry["hosts"].append(host["name"])
+            entry["workers"] += int(host.get("workers") or 0)
+            entry["jobs_running"] += int(host.get("jobs_running") or 0)
+        return list(classes.values())
+
+    def queue_for(self, device: str) -> str:
+        """cpu jobs to the cpu queue; cuda jobs to the compute-capability queue of a live
+        GPU host (the generic cuda queue, that every GPU host also consumes, if none)."""
+        if not device.startswith("cuda"):
+            return CPU_QUEUE
+        for host in self.live_hosts():
+            for queue in host["queues"]:
+                if queue.startswith(f"{CUDA_QUEUE}."):
+                    return str(queue)
+        return CUDA_QUEUE
+
+    # -- the Executor protocol ----------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.live_hosts())  # a sandboxed worker host answered lately
+
+    @property
+    def unavailable(self) -> str | None:
+        return None  # a worker host may join at any time; jobs wait in the queue
+
+    def submit(self, job_id: str) -> None:
+        job = self.lifecycle.store.get(job_id)
+        if job is None:
+            return
+        try:
+            self._publish(job)
+        except Exception as exc:  # kept queued in the database; sent again by the reaper
+            log.error("job %s: cannot publish to the broker (%s); trying again", job_id, exc)
+            with self._lock:
+                self._unsent.add(job_id)
+
+    def _publish(self, job: JobRecord) -> None:
+        self.app.send_task(TASK_NAME, args=[job["id"]], queue=self.queue_for(job["device"]))
+
+    def cancel(self, job_id: str) -> bool:
+        # The database says cancelled; the host running it stops within PROGRESS_CHECK_S.
+        return False
+
+    def job_finished(self, job: JobRecord) -> None:
+        """Nothing to do here: hosts read the cancel from the job database."""
+
+    def _reap(self) -> None:
+        reap = self.lifecycle.reap  # type: ignore[attr-defined]
+        period = max(1.0, float(getattr(self.lifecycle, "lease_s", 60.0)) / 3)
+        while not self._closing.wait(period):
+            with contextlib.suppress(Exception):
+                with self._lock:
+                    unsent, self._unsent = self._unsent, set()
+                for job_id in unsent:
+                    self.submit(job_id)
+            try:
+                taken = reap()
+                if taken:
+                    log.warning("%d job(s) whose host stopped renewing their lease were "
+                                "dispatched again", taken)
+            except Exception:
+                log.exception("the lease reaper failed; trying again")
+
+    def info(self) -> dict[str, Any]:
+        hosts = self.live_hosts()
+        soft, hard = time_limits(self.settings)
+        sandboxes = [h.get("sandbox") or {} for h in hosts]
+        errors = [] if hosts else [{"state": "waiting", "error": "no live worker host (start "
+                                    "one: lowering-service worker --name NAME)"
+                                    if self._polled.is_set() else None}]
+        return {
+            "kind": "celery",
+            "broker": maybe_sanitize_url(self.settings.broker_url),
+            "ready": self.ready,
+            "host_classes": self.host_classes(),
+            "hosts": [{key: h.get(key) for key in ("name", "queues", "workers",
+                                                   "jobs_running", "started_at",
+                                                   "seen_s_ago", "primed_s")}
+                      for h in hosts],
+            "jobs_waiting_to_publish": len(self._unsent),
+            "time_limits_s": {"soft": soft, "hard": hard},
+            "slots": errors,
+            # Every live host runs jobs sandboxed (a host without a sandbox does not join).
+            "sandbox": sandboxes[0] if sandboxes else None,
+            "limits": hosts[0].get("limits") if hosts else None,
+        }
+
+    def close(self) -> None:
+        self._closing.set()
+        with contextlib.suppress(Exception):
+            self.app.close()
