@@ -53,6 +53,7 @@ from app.storage.files import tail_text
 log = logging.getLogger("app.executors.celery")
 READY_TIMEOUT_S = 300.0
 PRIME_TIMEOUT_S = 900.0
+SIGTERM_KILL_AFTER_S = 2.0
 
 # The host's record, filled by the main process before the worker starts; forked
 # worker processes inherit it. Answered to the lowering_host control command.
@@ -284,16 +285,47 @@ def _redispatch(job_id: str) -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """Shutdown or the hard time limit: the sandbox dies now. Idle, this process exits at
-    once; running, the job's supervisor returns within half a second and the task puts
-    the job back (or fails it, past the soft limit) before the process exits."""
+    """Shutdown or the hard time limit: the sandbox dies now. Idle, this process ends as
+    billiard would have it; running, the job's supervisor returns within half a second
+    and the task puts the job back (or fails it, past the soft limit) before the process
+    exits."""
     state = _PROCESS
-    if state is None:
-        os._exit(0)
-    state.terminating = True
-    state.kill_children()
-    if state.running is None:
-        os._exit(0)
+    if state is not None:
+        state.terminating = True
+        running = state.running
+        if running is not None:
+            # The supervisor kills the child when it sees ``stop`` (within 0.5 s): killed
+            # from here, the child's silence could be read as its crash first.
+            running.stop.set()
+            killer = threading.Timer(SIGTERM_KILL_AFTER_S, running.child.kill)
+            killer.daemon = True
+            killer.start()
+            if state.warm is not None:
+                state.warm.kill()
+            return
+        state.kill_children()
+    _exit_as_terminated(signum, frame)
+
+
+_BILLIARD_TERM: Any = None
+
+
+def _exit_as_terminated(signum: int, frame: Any) -> None:
+    previous = _BILLIARD_TERM
+    if callable(previous):
+        previous(signum, frame)  # billiard's: reports the death, exits
+    os._exit(0)
+
+
+def _take_sigterm() -> None:
+    """Handle SIGTERM here. Billiard sets its own after ``worker_process_init`` (it exits
+    at once, which would leave the job running in the database until its lease runs
+    out), so this runs when a task starts."""
+    global _BILLIARD_TERM
+    current = signal.getsignal(signal.SIGTERM)
+    if current is not _on_sigterm:
+        _BILLIARD_TERM = current
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 @signals.worker_process_init.connect
@@ -301,7 +333,6 @@ def _process_init(**_: Any) -> None:
     global _PROCESS
     settings = Settings()
     _PROCESS = _Process(settings, from_settings(settings))
-    signal.signal(signal.SIGTERM, _on_sigterm)
     atexit.register(_process_exit)
     _PROCESS.spawn()
 
@@ -330,6 +361,7 @@ def _run(task: Task, job_id: str) -> str:
         _process_init()
         state = _PROCESS
     assert state is not None
+    _take_sigterm()
     nodename = str(task.request.hostname or HOST.get("name") or "unknown")
     ctx = state.context(nodename)
     child = state.take()

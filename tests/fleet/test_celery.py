@@ -122,3 +122,27 @@ def test_a_host_killed_mid_job_is_taken_over_by_another(
         job = wait_for(http, job_id, until={"succeeded"}, timeout_s=600)
     assert job["worker"].startswith("host-b@"), job
     assert job["attempts"] == 2, job
+
+
+def test_a_host_stopped_mid_job_hands_the_job_back_at_once(
+    fleet: Fleet, start_worker: Callable[..., WorkerHost], programs: Path,
+) -> None:
+    server, (host_a,) = fleet.server, fleet.hosts
+    with server.client() as http:
+        job_id = submit(http, programs / "slow.pt2", model_name="slow_stop").json()["id"]
+        running = wait_for(http, job_id, until={"running"}, phase="lower", timeout_s=300)
+        tree = _compiling_tree(running["worker_pid"])
+        host_b = start_worker("host-b", data_dir=server.data_dir,
+                              database_url=fleet.database_url, broker_url=fleet.broker_url)
+        wait_live(server, "host-b", host_b)
+        host_a.kill(signal.SIGTERM)  # a host shut down (systemd: the whole cgroup)
+        assert _all_gone(tree) == [], "the stopped host's compile outlived it"
+        assert host_a.proc.wait(timeout=60) is not None
+        # Put back in the queue, not counted, and taken by host-b at once: no lease to
+        # wait out (60 s), unlike a host that died silently.
+        wait_until(lambda: (http.get(f"/v1/lowerings/{job_id}").json()["worker"] or ""
+                            ).startswith("host-b@"),
+                   timeout_s=30, what="the job taken by host-b", host=host_b)
+        job = wait_for(http, job_id, until={"succeeded"}, timeout_s=300)
+    assert job["worker"].startswith("host-b@"), job
+    assert job["attempts"] == 1, job
