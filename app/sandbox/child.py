@@ -24,7 +24,9 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -132,23 +134,37 @@ def _resources() -> dict[str, Any]:
             "children_cpu_s": round(kids - _JOB_START_CPU[1], 3), "peak_rss_bytes": peak}
 
 
+def _cpu_watchdog(limit_s: float) -> None:
+    """SIGXCPU (what RLIMIT_CPU sends) once this process has used ``limit_s`` CPU seconds.
+
+    Not a soft RLIMIT_CPU: that is an absolute number of seconds which every compiler this
+    process starts inherits and counts from zero, so each g++ would get this process's
+    warm-up CPU plus the budget, not a budget of its own. The compilers run under the
+    sandbox's per-process hard limit instead (sandbox.profile: the job budget + warm-up).
+    """
+    def watch() -> None:
+        while time.process_time() < limit_s:
+            time.sleep(0.2)
+        log.error("the job used its CPU allowance (LOWERING_JOB_MAX_CPU_S)")
+        os.kill(os.getpid(), signal.SIGXCPU)
+
+    threading.Thread(target=watch, name="cpu-watchdog", daemon=True).start()
+
+
 def run_job(channel: IO[str], spec: dict[str, Any], job_dir: Path) -> None:
     from app.errors import JobError
     from app.lowering import run_lowering
     from app.storage.compiled import COMPILED_DIR
 
     logging.getLogger().setLevel(logging.INFO)
-    # The job's CPU budget and accounting count from here, not from the warm-up (a soft
-    # limit; the hard one, set by the supervisor, stays the ceiling); so does its peak RSS.
+    # The job's CPU budget and accounting count from here, not from the warm-up (the
+    # hard limit, set by the supervisor, stays the ceiling); so does its peak RSS.
     global _JOB_START_CPU
     _JOB_START_CPU = _cpu()
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
     if spec.get("cpu_s"):
-        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-        soft = int(_JOB_START_CPU[0] + float(spec["cpu_s"])) + 1
-        resource.setrlimit(resource.RLIMIT_CPU,
-                           (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+        _cpu_watchdog(_JOB_START_CPU[0] + float(spec["cpu_s"]))
     log.info("lowering job %s: model_name=%s backend_id=%s device=%s options=%s",
              spec["job_id"], spec["model_name"], spec["backend_id"], spec["device"],
              spec["options"])
