@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,16 +71,15 @@ class HostUnavailable(Exception):
 def boot_host(settings: Settings) -> dict[str, Any]:
     """Check the sandbox, prime the shared cache, probe the toolchain; the host record."""
     settings.ensure_dirs()
-    for leftover in settings.scratch_dir.glob("celery-*"):
-        # Sandboxes of this host's earlier run; another host on the same data dir has
-        # its own pids, and a live one's scratch is recreated by its next child.
-        with contextlib.suppress(ValueError):
-            pid = int(leftover.name.split("-")[1].split(".")[0])
-            if not _pid_alive(pid):
-                if leftover.is_dir():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink(missing_ok=True)
+    for leftover in settings.scratch_dir.glob(f"celery@{socket.gethostname()}@*"):
+        # Sandboxes of this machine's dead worker processes (a crash); a data dir shared
+        # with other machines holds theirs under their own hostname.
+        match = re.fullmatch(r"celery@.*@([0-9]+)\b.*", leftover.name)
+        if match and not _pid_alive(int(match.group(1))):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
     sandbox = from_settings(settings)
     status = sandbox.check(settings.scratch_dir / f"sandbox-check-{os.getpid()}")
     if settings.sandbox == "off":
@@ -111,7 +111,7 @@ def _prime(settings: Settings, sandbox: Sandbox) -> tuple[dict[str, Any] | None,
             record = json.loads(marker.read_text())
             return record.get("toolchain"), record.get("primed_s")
         return None, None
-    scratch = settings.scratch_dir / f"celery-{os.getpid()}-prime"
+    scratch = settings.scratch_dir / _scratch_name("-prime")
     child = SandboxedChild(sandbox, scratch=scratch, args=["prime"],
                            log_path=settings.logs_dir / "prime.log")
     event = child.expect("primed", PRIME_TIMEOUT_S)
@@ -132,9 +132,9 @@ def _prime(settings: Settings, sandbox: Sandbox) -> tuple[dict[str, Any] | None,
 
 def _probe(settings: Settings, sandbox: Sandbox) -> dict[str, Any]:
     """The toolchain a job's sandbox reports when it warms up."""
-    scratch = settings.scratch_dir / f"celery-{os.getpid()}-probe"
+    scratch = settings.scratch_dir / _scratch_name("-probe")
     child = SandboxedChild(sandbox, scratch=scratch, args=["job", ""],
-                           log_path=settings.scratch_dir / f"celery-{os.getpid()}-probe.log")
+                           log_path=settings.scratch_dir / _scratch_name("-probe.log"))
     event = child.expect("ready", READY_TIMEOUT_S)
     ended = child.finish()
     shutil.rmtree(scratch, ignore_errors=True)
@@ -206,7 +206,7 @@ class _Process:
 
     @property
     def scratch(self) -> Path:
-        return self.settings.scratch_dir / f"celery-{os.getpid()}"
+        return self.settings.scratch_dir / _scratch_name()
 
     def spawn(self) -> None:
         """Start the next child warming up now; the next job takes it."""
@@ -214,7 +214,7 @@ class _Process:
             return
         self.warm = SandboxedChild(
             self.sandbox, scratch=self.scratch,
-            log_path=self.settings.scratch_dir / f"celery-{os.getpid()}.log",
+            log_path=self.settings.scratch_dir / _scratch_name(".log"),
             args=["job", ",".join(self.settings.preload_modules)])
         self.warm_ready = False
 
@@ -428,6 +428,11 @@ def _celery(settings: Settings | None = None) -> Any:
 
 def _task_body(task: Task, job_id: str) -> str:
     return _run(task, job_id)
+
+
+def _scratch_name(suffix: str = "") -> str:
+    """Scratch dirs and logs of this process's sandboxes, unique on a shared data dir."""
+    return f"celery@{socket.gethostname()}@{os.getpid()}{suffix}"
 
 
 def _pid_alive(pid: int) -> bool:
