@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, *,
         app.state.services = Services(settings=settings, store=store, lifecycle=lifecycle,
                                       uploads=uploads, logs=logs, artifacts=artifacts,
                                       executor=executor)
-        lifecycle.recover()
+        lifecycle.recover(requeue_running=executor.runs_jobs_here)
         try:
             yield
         finally:

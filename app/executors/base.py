@@ -21,6 +21,10 @@ class Executor(Protocol):
 
     toolchain: dict[str, Any] | None
     probe_error: str | None
+    runs_jobs_here: bool
+    """True when jobs run in this process (a local pool): at start, every job the database
+    calls running was this process's predecessor's. False when worker hosts elsewhere run
+    them under leases (lifecycle.recover)."""
 
     @property
     def ready(self) -> bool:

@@ -49,6 +49,7 @@ class CeleryExecutor:
         self.app = make_celery(ctx.settings)
         self.toolchain: dict[str, Any] | None = None
         self.probe_error: str | None = None
+        self.runs_jobs_here = False  # worker hosts hold leases on the jobs they run
         self._hosts: dict[str, tuple[float, dict[str, Any]]] = {}
         self._unsent: set[str] = set()
         self._lock = threading.Lock()

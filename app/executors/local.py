@@ -68,6 +68,7 @@ class LocalExecutor:
         self.sandbox_status: SandboxStatus | None = None
         self.toolchain: dict[str, Any] | None = None
         self.probe_error: str | None = None
+        self.runs_jobs_here = True
         self.primed_s: float | None = None
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._slots = [_Slot(i) for i in range(settings.workers)]

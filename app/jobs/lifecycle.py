@@ -172,12 +172,12 @@ class JobLifecycle:
             return None
         return self.store.get(job_id)
 
-    def reap(self) -> int:
+    def reap(self, *, dispatch: bool = True) -> int:
         """Running jobs whose lease expired go back to the queue and are dispatched again
         (or fail ``worker_crashed`` at MAX_ATTEMPTS); returns how many were re-queued.
         Safe to run from every process: each move is guarded by the expired lease and the
         attempt it belonged to."""
-        return sum(self._requeue_expired(job, dispatch=True)
+        return sum(self._requeue_expired(job, dispatch=dispatch)
                    for job in self.store.expired_leases(now=utcnow()))
 
     def _requeue_expired(self, job: JobRecord, *, dispatch: bool) -> bool:
@@ -270,27 +270,34 @@ class JobLifecycle:
         assert final is not None
         return final
 
-    def requeue(self, job_id: str) -> bool:
+    def requeue(self, job_id: str, *, attempt: int | None = None) -> bool:
         """running -> queued: a graceful stop interrupted it; it runs again after the
-        restart, and the interruption is not counted against it."""
+        restart, and the interruption is not counted against it. ``attempt``: only if the
+        job is still in that run (not taken over by another host meanwhile)."""
         job = self.store.get(job_id)
         if job is None:
             return False
         return self._move(job_id, from_=[R], to=Q, attempts=max(0, job["attempts"] - 1),
-                          started_at=None, phase=None, worker_pid=None)
+                          started_at=None, phase=None, worker_pid=None, worker=None,
+                          attempt=job["attempts"] if attempt is None else attempt)
 
     def lost(self, job_id: str, message: str) -> bool:
         """A job marked running that nothing runs any more (its supervisor died)."""
         return self.fail(job_id, failures.interrupted(message))
 
-    def recover(self) -> None:
-        """At start, nothing runs yet: jobs left running run again once more (or fail as
-        interrupted), queued work is dispatched, and followers settle with their leader."""
-        for job_id in self.store.ids_with_status(statuses=[R]):
+    def recover(self, *, requeue_running: bool = True) -> None:
+        """At start: queued work is dispatched and followers settle with their leader.
+        Jobs left running: with ``requeue_running`` (a local pool: nothing runs yet, they
+        were this process's predecessor's) each runs again once more, or fails as
+        interrupted; without it (worker hosts elsewhere hold leases on them) only those
+        whose lease expired are taken back (``reap``)."""
+        if not requeue_running:
+            self.reap(dispatch=False)  # dispatched below with the rest of the queue
+        for job_id in self.store.ids_with_status(statuses=[R]) if requeue_running else []:
             job = self.store.get(job_id)
             if job is not None and job["attempts"] < MAX_ATTEMPTS:
                 self._move(job_id, from_=[R], to=Q, started_at=None, worker_pid=None,
-                           phase=None)
+                           worker=None, phase=None)
             else:
                 self.lost(job_id, "the service stopped twice while this job ran; resubmit it")
         for job_id in self.store.ids_with_status(statuses=[Q]):

@@ -35,6 +35,7 @@ class FakeExecutor:
         self.ctx = ctx
         self.toolchain: dict[str, Any] | None = dict(TOOLCHAIN)
         self.probe_error: str | None = None
+        self.runs_jobs_here = True
         self.submitted: list[str] = []
         self.stopped: list[str] = []
         self._threads: list[threading.Thread] = []

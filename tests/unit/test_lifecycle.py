@@ -348,3 +348,21 @@ def test_reap_requeues_a_silent_host_s_job_then_fails_it_at_the_cap(
     assert "host-b@box" in failed["error"]["message"]
     assert seen.finished == [(job_id, "failed")]
     assert life.claim(job_id, worker_pid=9, worker="host-c@box") is None
+
+
+def test_an_api_start_in_a_fleet_leaves_leased_jobs_alone(
+        life: JobLifecycle, seen: Recorder) -> None:
+    """A new API replica (or a restart) must not take back what worker hosts are running:
+    only expired leases are; a local pool's start re-queues everything it left running."""
+    live, stale, waiting = (life.admit(_fields(model_name=f"m{i}"), use_cache=False).job["id"]
+                            for i in range(3))
+    for job_id in (live, stale):
+        assert life.claim(job_id, worker_pid=None, worker="host-a@box") is not None
+    _expire(life, stale)
+    seen.dispatched.clear()
+    life.recover(requeue_running=False)
+    assert _status(life, live) == "running"
+    assert _status(life, stale) == "queued" and _status(life, waiting) == "queued"
+    assert sorted(seen.dispatched) == sorted([stale, waiting])
+    life.recover(requeue_running=True)
+    assert _status(life, live) == "queued"
