@@ -68,7 +68,8 @@ def create_app(settings: Settings | None = None, *,
                         or settings.migrate_on_start)
         store = JobStore(settings.db_url)
         logs = LocalLogStore(settings.logs_dir)
-        lifecycle = JobLifecycle(store, uploads=uploads, logs=logs, artifacts=artifacts)
+        lifecycle = JobLifecycle(store, uploads=uploads, logs=logs, artifacts=artifacts,
+                                 lease_s=settings.lease_s)
         executor = make_executor(JobContext(settings, lifecycle, uploads, logs, artifacts))
         lifecycle.dispatch = executor.submit
         lifecycle.listeners.append(executor)

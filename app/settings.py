@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     broker_url: str = Field(
         "amqp://guest:guest@127.0.0.1:5672//", description="the RabbitMQ (AMQP) URL of the "
         "fleet (LOWERING_EXECUTOR=celery and every worker host); never reaches a sandbox")
+    lease_s: float = Field(
+        60.0, ge=5, description="how long a worker's claim on a running job holds without "
+        "renewal (renewed every 2 s); a job whose host went silent is taken back after it")
     worker_max_jobs_per_process: int = Field(
         20, ge=1, description="a worker host's Celery process is replaced after this many "
         "jobs (worker_max_tasks_per_child)")

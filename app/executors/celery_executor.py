@@ -167,7 +167,7 @@ class CeleryExecutor:
 
     def _reap(self) -> None:
         reap = self.lifecycle.reap  # type: ignore[attr-defined]
-        period = max(1.0, float(getattr(self.lifecycle, "lease_s", 60.0)) / 3)
+        period = max(1.0, self.lifecycle.lease_s / 3)
         while not self._closing.wait(period):
             with contextlib.suppress(Exception):
                 with self._lock:

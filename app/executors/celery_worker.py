@@ -268,7 +268,7 @@ def _job_context(settings: Settings, nodename: str) -> worker.JobContext:
     uploads, artifacts = _open_stores(settings)
     logs = LocalLogStore(settings.logs_dir)
     lifecycle = JobLifecycle(JobStore(settings.db_url), uploads=uploads, logs=logs,
-                             artifacts=artifacts)
+                             artifacts=artifacts, lease_s=settings.lease_s)
     lifecycle.dispatch = _redispatch
     extra: dict[str, Any] = {}
     if "worker" in {f.name for f in dataclasses.fields(worker.JobContext)}:

@@ -23,6 +23,7 @@ from tests.factories import submit, wait_for
 from tests.fleet.conftest import WorkerHost, wait_until
 
 pytestmark = pytest.mark.slow
+LEASE_S = 10  # short, so a silent host's job is taken back within seconds
 BOOT_S = 900  # a host primes the shared inductor cache first when it is cold
 
 
@@ -42,9 +43,9 @@ def fleet(broker_url: str, fleet_db: str, start_worker: Callable[..., WorkerHost
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     host = start_worker("host-a", data_dir=data_dir, database_url=fleet_db,
-                        broker_url=broker_url)
+                        broker_url=broker_url, lease_s=LEASE_S)
     server = start_server(data_dir, ready=False, executor="celery", database_url=fleet_db,
-                          broker_url=broker_url, migrate_on_start="true")
+                          broker_url=broker_url, migrate_on_start="true", lease_s=LEASE_S)
     try:
         wait_live(server, "host-a", host)
         server.wait_ready(timeout_s=60)
@@ -113,12 +114,12 @@ def test_a_host_killed_mid_job_is_taken_over_by_another(
         running = wait_for(http, job_id, until={"running"}, phase="lower", timeout_s=300)
         assert running["worker"].startswith("host-a@")
         tree = _compiling_tree(running["worker_pid"])
-        host_b = start_worker("host-b", data_dir=server.data_dir,
+        host_b = start_worker("host-b", data_dir=server.data_dir, lease_s=LEASE_S,
                               database_url=fleet.database_url, broker_url=fleet.broker_url)
         wait_live(server, "host-b", host_b)
         host_a.kill(signal.SIGKILL)  # the whole host, silently: no status is written
         assert _all_gone(tree) == [], "the dead host's compile outlived it"
-        # The lease runs out (60 s), the reaper dispatches it again, host-b runs it.
+        # The lease runs out (LEASE_S), the reaper dispatches it again, host-b runs it.
         job = wait_for(http, job_id, until={"succeeded"}, timeout_s=600)
     assert job["worker"].startswith("host-b@"), job
     assert job["attempts"] == 2, job
@@ -132,7 +133,7 @@ def test_a_host_stopped_mid_job_hands_the_job_back_at_once(
         job_id = submit(http, programs / "slow.pt2", model_name="slow_stop").json()["id"]
         running = wait_for(http, job_id, until={"running"}, phase="lower", timeout_s=300)
         tree = _compiling_tree(running["worker_pid"])
-        host_b = start_worker("host-b", data_dir=server.data_dir,
+        host_b = start_worker("host-b", data_dir=server.data_dir, lease_s=LEASE_S,
                               database_url=fleet.database_url, broker_url=fleet.broker_url)
         wait_live(server, "host-b", host_b)
         host_a.kill(signal.SIGTERM)  # a host shut down (systemd: the whole cgroup)
