@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -270,10 +269,7 @@ def _job_context(settings: Settings, nodename: str) -> worker.JobContext:
     lifecycle = JobLifecycle(JobStore(settings.db_url), uploads=uploads, logs=logs,
                              artifacts=artifacts, lease_s=settings.lease_s)
     lifecycle.dispatch = _redispatch
-    extra: dict[str, Any] = {}
-    if "worker" in {f.name for f in dataclasses.fields(worker.JobContext)}:
-        extra["worker"] = nodename
-    return worker.JobContext(settings, lifecycle, uploads, logs, artifacts, **extra)
+    return worker.JobContext(settings, lifecycle, uploads, logs, artifacts, worker=nodename)
 
 
 def _redispatch(job_id: str) -> None:
