@@ -160,14 +160,12 @@ class JobLifecycle:
         job = self.store.get(job_id)
         if job is None or job["parent_id"] is not None:
             return None
+        # Taking an expired lease back re-queues the job without touching its attempts.
         if job["status"] == R.value and not self._requeue_expired(job, dispatch=False):
-            return None
-        current = self.store.get(job_id)
-        if current is None:
             return None
         if not self._move(job_id, from_=[Q], to=R, phase=Phase.LOAD.value,
                           worker_pid=worker_pid, worker=worker,
-                          attempts=current["attempts"] + 1,
+                          attempts=job["attempts"] + 1,
                           lease_expires_at=self._lease_end()):
             return None
         return self.store.get(job_id)
