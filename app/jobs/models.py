@@ -78,3 +78,31 @@ lowerings = Table(
     Index("ix_lowerings_code_key", "code_key", "status"),
     Index("ix_lowerings_status_lease", "status", "lease_expires_at"),
 )
+
+# Resumable uploads (POST /v1/uploads): a program sent in parts, assembled and gated once,
+# then named by its id or its sha256 in any number of submits. The state lives here (and
+# the parts in the data dir or an S3 multipart upload), so any API replica can serve it.
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(32), nullable=False),
+    # receiving -> assembling -> ready | failed (app.storage.resumable.UploadStatus)
+    Column("status", String(16), nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("part_size_bytes", BigInteger, nullable=False),
+    Column("parts", Integer, nullable=False),
+    # What the client declared; once ready, the sha256 of the bytes received (and gated).
+    Column("sha256", String(64)),
+    # The gate's report: code_key needs structure_sha256 at every submit that names it.
+    Column("structure_sha256", String(64)),
+    # The S3 multipart upload's id (NULL on local storage).
+    Column("multipart_id", String(1024)),
+    Column("error", JSON),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ux_uploads_id", "id", unique=True),
+    Index("ix_uploads_sha256", "sha256", "status"),
+    Index("ix_uploads_status_expires", "status", "expires_at"),
+)
