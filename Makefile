@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-fast lint typecheck bench clean sandbox-check migrations-check
+.PHONY: serve fleet test test-fast lint typecheck bench clean sandbox-check migrations-check
 
 # Every job runs in bubblewrap; without it the service starts but refuses jobs (503).
 sandbox-check:
@@ -25,6 +25,13 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	@$(MAKE) --no-print-directory sandbox-check SANDBOX_OPTIONAL=1
 	$(BIN)/lowering-service
+
+# The whole fleet on this machine, all real parts: RabbitMQ, PostgreSQL, an S3 server (moto),
+# worker hosts host-a and host-b, API replicas on :8000 and :8001 (app/devfleet.py).
+# FLEET_ARGS passes options: make fleet FLEET_ARGS="--hosts 3 --api-ports 8000,8001,8002".
+fleet: $(STAMP)
+	@$(MAKE) --no-print-directory sandbox-check SANDBOX_OPTIONAL=1
+	$(BIN)/python -m app.devfleet $(FLEET_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests bench
