@@ -25,10 +25,15 @@ class Phase(enum.StrEnum):
     """The archive's runner is compared with the original program."""
     PROFILE = "profile"
     """A verified archive's runner is timed against the program run eagerly."""
+    WAITING_FOR_HOST = "waiting_for_host"
+    """Still queued: no live worker host of the fleet serves the job's target (its device
+    and host class); it runs when one joins."""
 
 
-# Keys of a job's ``timings``: the API's own "validate" (the upload gate), then the phases.
-TIMING_KEYS = ("validate", *(phase.value for phase in Phase))
+# Keys of a job's ``timings``: the API's own "validate" (the upload gate), then the phases
+# a job runs through.
+TIMING_KEYS = ("validate",
+               *(phase.value for phase in Phase if phase is not Phase.WAITING_FOR_HOST))
 
 
 class JobStatus(enum.StrEnum):

@@ -29,9 +29,11 @@ _CODES = frozenset(code.value for code in ApiErrorCode)
 
 
 def parse_form(
-    fields: Mapping[str, str], *, settings: Settings, cuda_devices: int | None
+    fields: Mapping[str, str], *, settings: Settings, cuda_devices: int | None,
+    check_device: bool = True,
 ) -> LoweringCreate:
     """Validate the form fields; ``cuda_devices`` is None when the host is not probed yet.
+    ``check_device`` False (a fleet): any well-formed device is accepted.
 
     The result's rtol and atol are never None: a tolerance left out is the settings' one.
     """
@@ -39,7 +41,8 @@ def parse_form(
         create = LoweringCreate.model_validate(fields)
     except ValidationError as exc:
         raise _unprocessable(exc.errors(include_url=False)) from None
-    _check_available(create.device, cuda_devices)
+    if check_device:
+        _check_available(create.device, cuda_devices)
     return create.model_copy(update={
         "rtol": settings.verify_rtol if create.rtol is None else create.rtol,
         "atol": settings.verify_atol if create.atol is None else create.atol,

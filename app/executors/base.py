@@ -26,6 +26,10 @@ class Executor(Protocol):
     calls running was this process's predecessor's. False when worker hosts elsewhere run
     them under leases (lifecycle.recover)."""
 
+    def toolchain_for(self, device: str) -> dict[str, Any] | None:
+        """The toolchain a job for ``device`` will be built with (its cache key's): this
+        host's, or in a fleet the host class's the job is sent to; None while unknown."""
+
     @property
     def ready(self) -> bool:
         """A job submitted now will run: sandbox works, cache primed, a slot is warm."""

@@ -43,15 +43,35 @@ def cuda_queue(arch: str) -> str:
     return f"{CUDA_QUEUE}.{arch.replace('_', '')}"
 
 
+def cpu_queue(isa: str) -> str:
+    """``AVX512`` -> ``cpu.avx512``: inductor's CPU kernels use the ISA of the host that
+    compiles them (``-march=native`` unless cpp.march says otherwise)."""
+    return f"{CPU_QUEUE}.{isa.lower()}"
+
+
 def queues_for(toolchain: dict[str, Any] | None) -> list[str]:
-    """The queues a host with this toolchain can serve: cpu, and with GPUs one queue per
-    compute capability plus the generic cuda queue (jobs sent before any GPU host was
-    seen)."""
+    """The queues a host with this toolchain can serve: cpu and its ISA's cpu queue, and
+    with GPUs one queue per compute capability plus the generic cuda queue. The generic
+    queues carry jobs sent while no host of their kind was known (no cache key)."""
+    toolchain = toolchain or {}
     queues = [CPU_QUEUE]
-    archs = [str(a) for a in (toolchain or {}).get("cuda_arch") or []]
+    if toolchain.get("cpu_isa"):
+        queues.append(cpu_queue(str(toolchain["cpu_isa"])))
+    archs = [str(a) for a in toolchain.get("cuda_arch") or []]
     if archs:
         queues += [cuda_queue(a) for a in archs] + [CUDA_QUEUE]
     return queues
+
+
+def target_queue(device: str, toolchain: dict[str, Any] | None) -> str:
+    """The queue of a job for ``device`` whose cache key was computed with ``toolchain``
+    (a host class's): only hosts of that class build it, so the key holds. The generic
+    queue when the toolchain is unknown."""
+    toolchain = toolchain or {}
+    if device.startswith("cuda"):
+        archs = [str(a) for a in toolchain.get("cuda_arch") or []]
+        return cuda_queue(archs[0]) if archs else CUDA_QUEUE
+    return cpu_queue(str(toolchain["cpu_isa"])) if toolchain.get("cpu_isa") else CPU_QUEUE
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -20,12 +20,12 @@ from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
+from app.constants import JobStatus, Phase
 from app.executors.celery_app import (
-    CPU_QUEUE,
-    CUDA_QUEUE,
     HOST_COMMAND,
     TASK_NAME,
     make_celery,
+    target_queue,
     time_limits,
 )
 from app.jobs.store import JobRecord
@@ -52,7 +52,7 @@ class CeleryExecutor:
         self.runs_jobs_here = False  # worker hosts hold leases on the jobs they run
         self._hosts: dict[str, tuple[float, dict[str, Any]]] = {}
         self._unsent: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._closing = threading.Event()
         self._polled = threading.Event()
 
@@ -73,6 +73,10 @@ class CeleryExecutor:
             except Exception as exc:  # the broker is down: hosts age out, nothing else
                 log.warning("cannot ask the worker hosts: %s", exc)
             self._polled.set()
+            try:
+                self.mark_unserved()
+            except Exception as exc:
+                log.warning("cannot mark the jobs no host serves: %s", exc)
             self._closing.wait(HOST_POLL_S)
 
     def poll_hosts(self) -> None:
@@ -96,18 +100,44 @@ class CeleryExecutor:
                     for _, (seen, record) in sorted(self._hosts.items())]
 
     def _toolchain(self) -> dict[str, Any] | None:
-        """The toolchain of the cpu host class (the cache key's), with the GPUs any live
-        host has; None while no host answered."""
-        records = [record for _, record in sorted(self._hosts.values(), key=lambda r: r[1]
-                                                  ["name"])]
-        with_toolchain = [r for r in records if isinstance(r.get("toolchain"), dict)]
-        if not with_toolchain:
+        """The toolchain of the cpu host class jobs go to, with the GPUs any live host
+        has (``/v1/info``); None while no host answered."""
+        toolchain = self.toolchain_for("cpu")
+        if toolchain is None:
             return None
-        cpu = [r for r in with_toolchain if CPU_QUEUE in r["queues"]] or with_toolchain
-        toolchain = dict(cpu[0]["toolchain"])
-        toolchain["cuda_devices"] = max(int(r["toolchain"].get("cuda_devices") or 0)
-                                        for r in with_toolchain)
-        return toolchain
+        with self._lock:
+            gpus = [int((r.get("toolchain") or {}).get("cuda_devices") or 0)
+                    for _, r in self._hosts.values()]
+        return {**toolchain, "cuda_devices": max(gpus, default=0)}
+
+    def toolchain_for(self, device: str) -> dict[str, Any] | None:
+        """The toolchain of the host class that will build a job for ``device``: the one
+        its cache key is computed with and whose queue it is sent to. Of several classes
+        (CPU hosts of two ISA levels), the one with the most workers (then by queue name);
+        None while no live host serves the device."""
+        cuda = device.startswith("cuda")
+        capacity: dict[str, int] = {}
+        first: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            records = [record for _, record in self._hosts.values()]
+        for record in sorted(records, key=lambda record: record["name"]):
+            toolchain = record.get("toolchain")
+            if not isinstance(toolchain, dict) or (cuda and not toolchain.get("cuda_arch")):
+                continue
+            queue = target_queue(device, toolchain)
+            if queue not in record["queues"]:
+                continue  # a host started with --queues that leave this target out
+            capacity[queue] = capacity.get(queue, 0) + int(record.get("workers") or 1)
+            first.setdefault(queue, toolchain)
+        if not capacity:
+            return None
+        best = min(capacity, key=lambda queue: (-capacity[queue], queue))
+        return dict(first[best])
+
+    def serves(self, queue: str) -> bool:
+        """A live host consumes ``queue``."""
+        with self._lock:
+            return any(queue in record["queues"] for _, record in self._hosts.values())
 
     def host_classes(self) -> list[dict[str, Any]]:
         """Live hosts grouped by what they serve and build with."""
@@ -123,16 +153,25 @@ class CeleryExecutor:
             entry["jobs_running"] += int(host.get("jobs_running") or 0)
         return list(classes.values())
 
-    def queue_for(self, device: str) -> str:
-        """cpu jobs to the cpu queue; cuda jobs to the compute-capability queue of a live
-        GPU host (the generic cuda queue, that every GPU host also consumes, if none)."""
-        if not device.startswith("cuda"):
-            return CPU_QUEUE
-        for host in self.live_hosts():
-            for queue in host["queues"]:
-                if queue.startswith(f"{CUDA_QUEUE}."):
-                    return str(queue)
-        return CUDA_QUEUE
+    @staticmethod
+    def queue_for(job: JobRecord) -> str:
+        """The queue of the host class the job was keyed for (its ``toolchain`` at
+        admission), or the generic queue of its device when none was known."""
+        return target_queue(job["device"], job["toolchain"])
+
+    def mark_unserved(self) -> None:
+        """Queued jobs whose queue no live host consumes say so in their phase
+        (``waiting_for_host``), and stop saying it once one does."""
+        store = self.lifecycle.store
+        for job in store.list_page(status=JobStatus.QUEUED.value, limit=500):
+            if job["parent_id"] is None:
+                self._note_served(job)
+
+    def _note_served(self, job: JobRecord) -> None:
+        phase = None if self.serves(self.queue_for(job)) else Phase.WAITING_FOR_HOST.value
+        if job["phase"] != phase:
+            self.lifecycle.store.transition(job["id"], from_=[JobStatus.QUEUED],
+                                            to=JobStatus.QUEUED, phase=phase)
 
     # -- the Executor protocol ----------------------------------------------------------
 
@@ -156,7 +195,9 @@ class CeleryExecutor:
                 self._unsent.add(job_id)
 
     def _publish(self, job: JobRecord) -> None:
-        self.app.send_task(TASK_NAME, args=[job["id"]], queue=self.queue_for(job["device"]))
+        self.app.send_task(TASK_NAME, args=[job["id"]], queue=self.queue_for(job))
+        if self._polled.is_set():
+            self._note_served(job)
 
     def cancel(self, job_id: str) -> bool:
         # The database says cancelled; the host running it stops within PROGRESS_CHECK_S.

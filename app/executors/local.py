@@ -263,6 +263,9 @@ class LocalExecutor:
 
     # -- the Executor protocol ----------------------------------------------------------
 
+    def toolchain_for(self, device: str) -> dict[str, Any] | None:
+        return self.toolchain  # every job runs on this host
+
     @property
     def ready(self) -> bool:
         """A job submitted now will run: every slot alive, one not failing, and a sandbox

@@ -40,6 +40,9 @@ class FakeExecutor:
         self.stopped: list[str] = []
         self._threads: list[threading.Thread] = []
 
+    def toolchain_for(self, device: str) -> dict[str, Any] | None:
+        return self.toolchain
+
     @property
     def ready(self) -> bool:
         return self.probe_error is None
