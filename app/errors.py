@@ -3,15 +3,16 @@
 ServiceError (500)              anything we did not foresee; the body says nothing internal
  ├── ArtifactCorrupt (500)      a stored artifact is gone or no longer matches its sha256
  ├── BadRequest (400)           a body that cannot be read as a form
- ├── NotFound (404)             unknown lowering id or route
+ ├── NotFound (404)             unknown lowering id, upload id or route
  ├── MethodNotAllowed (405)     a route answered for another method (raised by the router)
  ├── RequestTimeout (408)       the upload stalled (LOWERING_UPLOAD_STALL_TIMEOUT_S)
- ├── Conflict (409)             a status transition that is not allowed
+ ├── Conflict (409)             a status transition that is not allowed (a job's, an upload's)
  ├── PayloadTooLarge (413)      upload over LOWERING_MAX_UPLOAD_BYTES, archive over its limits
  ├── UnsupportedMediaType (415) not multipart, or an upload that is not a pt2 zip
  ├── Unprocessable (422)        a readable form with a missing, unknown or bad field; an
  │                              upload the gate refuses
- ├── TooManyRequests (429)      the queue is full (LOWERING_MAX_QUEUED); carries Retry-After
+ ├── TooManyRequests (429)      the queue is full (LOWERING_MAX_QUEUED), too many open uploads;
+ │                              carries Retry-After
  ├── ServiceUnavailable (503)   no job can run here now (sandbox missing, database locked)
  │    └── ObjectStoreUnavailable  the S3 object store failed or cannot be reached
  └── StorageFull (507)          the data dir is out of space
@@ -63,6 +64,8 @@ class ApiErrorCode(enum.StrEnum):
         "the client went away mid-request (nobody reads this answer)")
     # 404, 405, 408
     NOT_FOUND = "not_found", "no lowering has this id, or no route has this path"
+    UNKNOWN_UPLOAD = "unknown_upload", (
+        "no resumable upload has this id or sha256 (never created, expired or removed)")
     METHOD_NOT_ALLOWED = "method_not_allowed", (
         "the path exists but not for this method; the Allow header lists those that do")
     UPLOAD_STALLED = "upload_stalled", (
@@ -75,9 +78,19 @@ class ApiErrorCode(enum.StrEnum):
         "?wait= saw the job cancelled; error.lowering is the job")
     NOT_CANCELLABLE = "not_cancellable", "cancel is asked of a job that has already ended"
     JOB_ACTIVE = "job_active", "delete is asked of a queued or running job; cancel it first"
+    PARTS_MISSING = "parts_missing", (
+        "complete is asked of a resumable upload with parts not yet received; the message "
+        "lists them: send them and complete again")
+    UPLOAD_CLOSED = "upload_closed", (
+        "a part or complete is sent to a resumable upload that is no longer receiving "
+        "(being completed, ready or failed)")
+    UPLOAD_NOT_READY = "upload_not_ready", (
+        "a submit names a resumable upload that is not ready (not completed, or refused)")
     # 413
     UPLOAD_TOO_LARGE = "upload_too_large", (
         "the upload is over LOWERING_MAX_UPLOAD_BYTES, or a form field over 64 KiB")
+    PART_TOO_LARGE = "part_too_large", (
+        "a part of a resumable upload is longer than the part size its upload announced")
     ARCHIVE_TOO_LARGE = "archive_too_large", (
         "the archive is over a limit of /v1/info limits.archive: members, member or total "
         "uncompressed size, compression ratio, JSON values")
@@ -102,6 +115,12 @@ class ApiErrorCode(enum.StrEnum):
     UNKNOWN_OPTION = "unknown_option", "options names a setting outside /v1/info options"
     INVALID_OPTION = "invalid_option", (
         "an allowed option has a value of the wrong type, outside its choices or its pattern")
+    INVALID_PART = "invalid_part", (
+        "a part number outside 1..parts, or a part whose size is not the one announced "
+        "(every part is part_size_bytes but the last, which is the rest)")
+    CHECKSUM_MISMATCH = "checksum_mismatch", (
+        "the assembled upload's sha256 or size is not the one declared at create; nothing "
+        "was kept: start a new upload")
     # 422: the upload gate
     UNSAFE_MEMBER_NAME = "unsafe_member_name", (
         "an archive member's name is absolute, climbs with .., has a backslash, colon or "
@@ -119,6 +138,9 @@ class ApiErrorCode(enum.StrEnum):
     # 429, 503, 507
     QUEUE_FULL = "queue_full", (
         "LOWERING_MAX_QUEUED lowerings already wait; retry after Retry-After seconds")
+    TOO_MANY_UPLOADS = "too_many_uploads", (
+        "LOWERING_MAX_OPEN_UPLOADS resumable uploads are already open; complete or let "
+        "some expire, retry after Retry-After seconds")
     SERVICE_UNAVAILABLE = "service_unavailable", "the service cannot take requests now"
     SANDBOX_UNAVAILABLE = "sandbox_unavailable", (
         "no lowering can run here: the sandbox or the workers are missing (see /readyz)")
@@ -193,7 +215,7 @@ class BadRequest(ServiceError):
 class NotFound(ServiceError):
     status = 404
     code = ApiErrorCode.NOT_FOUND
-    codes = frozenset({ApiErrorCode.NOT_FOUND})
+    codes = frozenset({ApiErrorCode.NOT_FOUND, ApiErrorCode.UNKNOWN_UPLOAD})
 
 
 class MethodNotAllowed(ServiceError):
@@ -213,13 +235,15 @@ class Conflict(ServiceError):
     code = ApiErrorCode.CONFLICT
     codes = frozenset({ApiErrorCode.CONFLICT, ApiErrorCode.ARTIFACT_NOT_READY,
                        ApiErrorCode.NOT_CANCELLABLE, ApiErrorCode.JOB_ACTIVE,
-                       ApiErrorCode.JOB_CANCELLED})
+                       ApiErrorCode.JOB_CANCELLED, ApiErrorCode.PARTS_MISSING,
+                       ApiErrorCode.UPLOAD_CLOSED, ApiErrorCode.UPLOAD_NOT_READY})
 
 
 class PayloadTooLarge(ServiceError):
     status = 413
     code = ApiErrorCode.UPLOAD_TOO_LARGE
-    codes = frozenset({ApiErrorCode.UPLOAD_TOO_LARGE, ApiErrorCode.ARCHIVE_TOO_LARGE})
+    codes = frozenset({ApiErrorCode.UPLOAD_TOO_LARGE, ApiErrorCode.ARCHIVE_TOO_LARGE,
+                       ApiErrorCode.PART_TOO_LARGE})
 
 
 class UnsupportedMediaType(ServiceError):
@@ -238,7 +262,8 @@ class Unprocessable(ServiceError):
         ApiErrorCode.UNKNOWN_OPTION, ApiErrorCode.INVALID_OPTION,
         ApiErrorCode.UNSAFE_MEMBER_NAME, ApiErrorCode.UNSUPPORTED_LAYOUT,
         ApiErrorCode.MISSING_EXAMPLE_INPUTS, ApiErrorCode.UNSAFE_PICKLE, ApiErrorCode.UNSAFE_GRAPH,
-        ApiErrorCode.UPLOAD_TOO_COMPLEX, ApiErrorCode.JOB_FAILED,
+        ApiErrorCode.UPLOAD_TOO_COMPLEX, ApiErrorCode.JOB_FAILED, ApiErrorCode.INVALID_PART,
+        ApiErrorCode.CHECKSUM_MISMATCH,
     })
 
 
@@ -250,10 +275,11 @@ class TooManyRequests(ServiceError):
 
     status = 429
     code = ApiErrorCode.QUEUE_FULL
-    codes = frozenset({ApiErrorCode.QUEUE_FULL})
+    codes = frozenset({ApiErrorCode.QUEUE_FULL, ApiErrorCode.TOO_MANY_UPLOADS})
 
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after_s: int,
+                 code: ApiErrorCode | None = None) -> None:
+        super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
 
 

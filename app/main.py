@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.deps import Services
 from app.api.handlers import register_exception_handlers
-from app.api.routes import health, lowerings
+from app.api.routes import health, lowerings, uploads
 from app.errors import ObjectStoreUnavailable
 from app.executors.base import Executor
 from app.executors.local import LocalExecutor
@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None, *,
     register_exception_handlers(app)
     app.include_router(health.router)
     app.include_router(lowerings.router)
+    app.include_router(uploads.router)
     return app
 
 

@@ -264,3 +264,53 @@ class LoweringCreate(BaseModel):
     def as_fields(self) -> dict[str, Any]:
         """The job record's fields this form sets."""
         return self.model_dump()
+
+# -- resumable uploads (/v1/uploads) ----------------------------------------------------
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class UploadCreate(BaseModel):
+    """POST /v1/uploads: announce a program to send in parts.
+
+    :param size_bytes: its exact size.
+    :param sha256: its sha256 (lowercase hex); recommended: an upload of the same bytes
+        already gated is answered at once (nothing is sent again), and the assembled bytes
+        are checked against it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size_bytes: int = Field(gt=0, le=2**62, description="the program's exact size")
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN,
+                               description="the program's sha256, lowercase hex")
+
+
+class PartTargetPublic(BaseModel):
+    """Where to send one part: PUT its bytes (exactly ``part_size_bytes``, the last part
+    the rest) to ``url``: an absolute URL (an object store's presigned one) or a path of
+    this API."""
+
+    number: int
+    url: str
+    method: str = "PUT"
+
+
+class UploadPublic(BaseModel):
+    """A resumable upload as the API shows it."""
+
+    id: str
+    status: str = Field(description="receiving, assembling, ready or failed")
+    size_bytes: int
+    sha256: str | None = Field(description="declared at create; once ready, of the bytes")
+    part_size_bytes: int
+    part_count: int
+    parts_received: list[int] = Field(
+        default_factory=list, description="numbers of the parts received (while receiving)")
+    parts: list[PartTargetPublic] = Field(
+        default_factory=list, description="where to send the parts not yet received "
+        "(while receiving); presigned URLs are fresh at every GET")
+    error: ErrorInfo | None = None
+    created_at: dt.datetime
+    completed_at: dt.datetime | None = None
+    expires_at: dt.datetime = Field(description="removed after this unless used again")

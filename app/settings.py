@@ -57,6 +57,16 @@ class Settings(BaseSettings):
     upload_stall_timeout_s: float = Field(
         60.0, gt=0, description="an upload that sends nothing for this long is dropped (408)")
     max_wait_s: float = Field(3600.0, ge=0, description="cap on ?wait=")
+    upload_ttl_s: float = Field(
+        86_400.0, gt=0, description="a resumable upload (POST /v1/uploads) not completed "
+        "within this is removed (its parts, its S3 multipart upload); a ready one is kept this "
+        "long after its last use")
+    upload_part_bytes: int = Field(
+        64 * 1024**2, ge=1024, description="part size of a resumable upload (at least 5 MiB "
+        "on S3, and large enough for 10,000 parts)")
+    max_open_uploads: int = Field(
+        16, ge=1, description="resumable uploads receiving parts at once (all replicas); "
+        "beyond it a new one is refused (429)")
     preload_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="modules every worker imports at start (pytree types of uploads)",

@@ -8,7 +8,7 @@ presigned URL, or with None when the API relays the object itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -42,6 +42,65 @@ class UploadStore(Protocol):
 
     def discard_staged(self) -> int:
         """Remove leftovers of receptions that never finished; returns how many."""
+
+    @property
+    def parts(self) -> PartStore:
+        """Where the parts of resumable uploads are received (``app.storage.resumable``)."""
+
+    def keep(self, upload_id: str, staged: Path) -> None:
+        """Make ``staged`` (the gate's rebuilt copy) the kept copy of a resumable upload."""
+
+    def adopt(self, job_id: str, upload_id: str) -> None:
+        """Make a copy of a kept upload the input of ``job_id`` (the upload stays, and
+        removing either never changes the other); FileNotFoundError when it is gone."""
+
+    def forget(self, upload_id: str) -> None:
+        """Remove a kept upload (no error if there is none)."""
+
+
+@dataclass(frozen=True)
+class PartTarget:
+    """Where the client sends one part: ``url`` (absolute, or a path of this API)."""
+
+    number: int
+    url: str
+    method: str = "PUT"
+
+
+class PartStore(Protocol):
+    """The parts of resumable uploads until they are assembled: files in the data dir, or
+    an S3 multipart upload that clients send to directly (presigned UploadPart URLs).
+
+    ``multipart_id`` is what ``begin`` returned (None for local parts); it is kept on the
+    upload's row, so any replica can carry on an upload another one began.
+    """
+
+    direct: bool
+    """Parts go to the object store, not through the API (no PUT route serves them)."""
+
+    def begin(self, upload_id: str) -> str | None:
+        """Prepare to receive parts; returns the multipart id to remember, if any."""
+
+    def targets(self, upload_id: str, multipart_id: str | None, numbers: list[int],
+                expires_s: int) -> list[PartTarget]:
+        """Where to send each of ``numbers``."""
+
+    async def write(self, upload_id: str, number: int, chunks: AsyncIterator[bytes],
+                    *, size_bytes: int) -> None:
+        """Receive one part through the API (local only); a resend replaces it. Kept only
+        when it is exactly ``size_bytes``: PayloadTooLarge past it, Unprocessable short of
+        it (FileNotFoundError once the upload's parts were joined)."""
+
+    def received(self, upload_id: str, multipart_id: str | None) -> dict[int, int]:
+        """The parts received so far: number -> size in bytes."""
+
+    def assemble(self, upload_id: str, multipart_id: str | None, numbers: list[int],
+                 dest: Path) -> str:
+        """Join the parts, in order, into the local file ``dest``; returns its sha256. The
+        parts are gone afterwards (the multipart upload is completed)."""
+
+    def abort(self, upload_id: str, multipart_id: str | None) -> None:
+        """Drop the parts (abort the multipart upload); no error if there are none."""
 
 
 class LogStore(Protocol):

@@ -3,6 +3,13 @@
 ``{prefix}artifacts/{sha256[:2]}/{sha256}.pt2``   archives by content address, their sha256
                                                   and size in the object's metadata
 ``{prefix}uploads/{job_id}.pt2``                  the gate's rebuilt copy of each upload
+``{prefix}uploads/kept/{upload_id}.pt2``          the gate's rebuilt copy of a completed
+                                                  resumable upload (a job's is a server-side
+                                                  copy of it)
+``{prefix}incoming/{upload_id}.pt2``              a resumable upload's multipart upload (its
+                                                  parts are sent straight to S3 with presigned
+                                                  URLs); assembled, fetched for the gate, and
+                                                  deleted
 
 Receptions still stream to a local staging dir (``uploads/.staging`` in the data dir); a
 commit uploads the staged file and removes it. Transfers are boto3's managed ones
@@ -26,7 +33,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -46,7 +53,7 @@ from botocore.exceptions import (
 
 from app.constants import CHUNK_BYTES
 from app.errors import ObjectStoreUnavailable
-from app.storage.base import ArtifactRef
+from app.storage.base import ArtifactRef, PartTarget
 from app.storage.files import LocalUploadStore
 
 if TYPE_CHECKING:
@@ -60,7 +67,7 @@ MAX_ATTEMPTS = 3  # botocore "standard" retries: a dead endpoint fails within se
 MULTIPART_BYTES = 16 * 1024**2
 PART_BYTES = 16 * 1024**2
 TRANSFER_THREADS = 4
-MISSING = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+MISSING = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket", "NoSuchUpload"})
 RETRY_AFTER_S = 30
 
 
@@ -288,6 +295,26 @@ class S3UploadStore:
         self._bucket = _Bucket(client, bucket=bucket, prefix=prefix, transfer=transfer)
         self._local = LocalUploadStore(staging_root)
         self.staging_dir = self._local.staging_dir
+        self.parts = S3PartStore(self._bucket)
+
+    def _kept(self, upload_id: str) -> str:
+        return f"{self._bucket.prefix}uploads/kept/{upload_id}.pt2"
+
+    def keep(self, upload_id: str, staged: Path) -> None:
+        with self._bucket.guard("store an upload"):
+            self._bucket.client.upload_file(str(staged), self._bucket.bucket,
+                                            self._kept(upload_id), Config=self._bucket.transfer)
+        staged.unlink(missing_ok=True)
+
+    def adopt(self, job_id: str, upload_id: str) -> None:
+        """A server-side copy (multipart for large objects): no byte passes through here."""
+        bucket = self._bucket
+        with bucket.guard("copy an upload", missing=f"upload {upload_id} is not stored"):
+            bucket.client.copy({"Bucket": bucket.bucket, "Key": self._kept(upload_id)},
+                               bucket.bucket, self.key(job_id), Config=bucket.transfer)
+
+    def forget(self, upload_id: str) -> None:
+        self._bucket.delete(self._kept(upload_id), "delete an upload")
 
     def key(self, job_id: str) -> str:
         return f"{self._bucket.prefix}uploads/{job_id}.pt2"
@@ -312,6 +339,90 @@ class S3UploadStore:
 
     def discard_staged(self) -> int:
         return self._local.discard_staged()
+
+
+class S3PartStore:
+    """Resumable uploads' parts as S3 multipart uploads that clients send to directly,
+    with presigned UploadPart URLs; the API lists the parts (ListParts), never relays them.
+    """
+
+    direct = True
+
+    def __init__(self, bucket: _Bucket) -> None:
+        self._bucket = bucket
+
+    def key(self, upload_id: str) -> str:
+        return f"{self._bucket.prefix}incoming/{upload_id}.pt2"
+
+    def begin(self, upload_id: str) -> str | None:
+        with self._bucket.guard("begin a multipart upload"):
+            answer = self._bucket.client.create_multipart_upload(
+                Bucket=self._bucket.bucket, Key=self.key(upload_id),
+                ContentType="application/zip")
+        return str(answer["UploadId"])
+
+    def targets(self, upload_id: str, multipart_id: str | None, numbers: list[int],
+                expires_s: int) -> list[PartTarget]:
+        bucket = self._bucket
+        with bucket.guard("sign part URLs"):
+            return [PartTarget(n, bucket.client.generate_presigned_url(
+                "upload_part", Params={"Bucket": bucket.bucket, "Key": self.key(upload_id),
+                                       "UploadId": multipart_id, "PartNumber": n},
+                ExpiresIn=expires_s)) for n in numbers]
+
+    async def write(self, upload_id: str, number: int, chunks: AsyncIterator[bytes],
+                    *, size_bytes: int) -> None:
+        raise NotImplementedError("parts of an S3 upload go to their presigned URLs")
+
+    def _parts(self, upload_id: str, multipart_id: str | None) -> list[dict[str, Any]]:
+        bucket = self._bucket
+        pages = bucket.client.get_paginator("list_parts").paginate(
+            Bucket=bucket.bucket, Key=self.key(upload_id), UploadId=multipart_id)
+        with bucket.guard("list the parts of an upload",
+                          missing=f"the multipart upload of {upload_id} is gone"):
+            return [part for page in pages for part in page.get("Parts", [])]
+
+    def received(self, upload_id: str, multipart_id: str | None) -> dict[int, int]:
+        try:
+            parts = self._parts(upload_id, multipart_id)
+        except FileNotFoundError:
+            return {}
+        return {int(part["PartNumber"]): int(part["Size"]) for part in parts}
+
+    def assemble(self, upload_id: str, multipart_id: str | None, numbers: list[int],
+                 dest: Path) -> str:
+        """Complete the multipart upload with the parts S3 lists, download it for the gate
+        (hashing it on the way), and delete it."""
+        bucket, key = self._bucket, self.key(upload_id)
+        etags = {int(part["PartNumber"]): part["ETag"]
+                 for part in self._parts(upload_id, multipart_id)}
+        with bucket.guard("assemble an upload"):
+            bucket.client.complete_multipart_upload(
+                Bucket=bucket.bucket, Key=key, UploadId=multipart_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etags[n]}
+                                           for n in numbers]})
+        try:
+            bucket.download(key, dest, "read an assembled upload",
+                            f"the assembled upload {upload_id} is gone")
+        finally:
+            bucket.delete(key, "delete an assembled upload")
+        digest = hashlib.sha256()
+        with dest.open("rb") as handle:
+            while block := handle.read(CHUNK_BYTES):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def abort(self, upload_id: str, multipart_id: str | None) -> None:
+        if multipart_id is None:
+            return
+        try:
+            self._bucket.client.abort_multipart_upload(
+                Bucket=self._bucket.bucket, Key=self.key(upload_id), UploadId=multipart_id)
+        except ClientError as exc:
+            if _error_code(exc) not in MISSING | {"NoSuchUpload"}:
+                raise self._bucket.unavailable("abort a multipart upload", exc) from None
+        except (BotoCoreError, Boto3Error) as exc:
+            raise self._bucket.unavailable("abort a multipart upload", exc) from None
 
 
 def check_bucket(client: Any, bucket: str, endpoint_url: str | None) -> None:

@@ -49,6 +49,7 @@ from app.schemas import LoweringPublic, LoweringsPublic
 from app.settings import Settings
 from app.storage.base import ArtifactStore
 from app.storage.reserve import release_reserve
+from app.storage.resumable import UploadRecords, take
 from app.storage.uploads import receive_form
 from app.validation.isolated import run_gate
 
@@ -136,32 +137,47 @@ async def create_lowering(
     started = time.monotonic()  # "validate" times the checks, not the client's upload
     job_id = uuid.uuid4().hex
     try:
+        # A ready resumable upload (POST /v1/uploads), by id or "sha256:<hex>".
+        upload_name = form.fields.pop("upload", None)
         cuda = executor.toolchain.get("cuda_devices", 0) if executor.toolchain else None
         params = parse_form(form.fields, settings=settings, cuda_devices=cuda)
-        if form.file_path is None:
-            raise Unprocessable("form field 'program' (the .pt2 file) is required",
+        if upload_name is not None:
+            if form.file_path is not None:
+                raise Unprocessable("send the program file or name an upload, not both")
+            # Gated when it was completed: its gate copy becomes this job's input.
+            ready = await to_thread.run_sync(lambda: take(
+                UploadRecords(store.engine), uploads, upload_name, job_id=job_id,
+                ttl_s=settings.upload_ttl_s))
+            input_sha256, input_size_bytes = str(ready["sha256"]), ready["size_bytes"]
+            structure_sha256 = str(ready["structure_sha256"])
+        elif form.file_path is None:
+            raise Unprocessable("form field 'program' (the .pt2 file) or 'upload' (a ready "
+                                "upload's id or sha256:<hex>) is required",
                                 code=ApiErrorCode.MISSING_FIELD)
-        # Only the gate's rebuilt copy of the validated members ever reaches a worker. The
-        # gate runs in a fresh, resource-limited child process, a few at a time.
-        staged = uploads.staging_path()
-        try:
-            report = await run_gate(form.file_path, staged, settings.archive_limits(),
-                                    settings.gate_resources())
-            await to_thread.run_sync(uploads.commit, job_id, staged)
-        finally:
-            staged.unlink(missing_ok=True)
+        else:
+            # Only the gate's rebuilt copy of the validated members ever reaches a worker.
+            # The gate runs in a fresh, resource-limited child process, a few at a time.
+            staged = uploads.staging_path()
+            try:
+                report = await run_gate(form.file_path, staged, settings.archive_limits(),
+                                        settings.gate_resources())
+                await to_thread.run_sync(uploads.commit, job_id, staged)
+            finally:
+                staged.unlink(missing_ok=True)
+            input_sha256, input_size_bytes = form.sha256, form.size_bytes
+            structure_sha256 = report.structure_sha256
     finally:
         form.discard()
     fields: JobFields = {
-        "id": job_id, "input_sha256": form.sha256, "input_size_bytes": form.size_bytes,
+        "id": job_id, "input_sha256": input_sha256, "input_size_bytes": input_size_bytes,
         "timings": {"validate": round(time.monotonic() - started, 4)},
         **params.as_fields(),  # type: ignore[typeddict-item]
     }
     if settings.cache and executor.toolchain is not None:
-        fields["cache_key"] = cache_key(input_sha256=form.sha256, params=params.as_fields(),
+        fields["cache_key"] = cache_key(input_sha256=input_sha256, params=params.as_fields(),
                                         toolchain=executor.toolchain)
         if cache == "use":  # bypass: compiled afresh, so it neither takes nor gives code
-            fields["code_key"] = code_key(structure_sha256=report.structure_sha256,
+            fields["code_key"] = code_key(structure_sha256=structure_sha256,
                                           params=params.as_fields(),
                                           toolchain=executor.toolchain)
     try:
