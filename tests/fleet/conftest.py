@@ -28,8 +28,8 @@ def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60, check=False)
 
 
-@pytest.fixture
-def broker_url() -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_vhost() -> Iterator[str]:
     """A fresh vhost on the local RabbitMQ (guest works on loopback), deleted afterwards."""
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is not installed")
@@ -43,6 +43,28 @@ def broker_url() -> Iterator[str]:
         yield f"amqp://guest:guest@{BROKER}/{vhost}"
     finally:
         _rabbitmqctl("delete_vhost", vhost)
+
+
+def vhost_of(broker_url: str) -> str:
+    return broker_url.rsplit("/", 1)[1]
+
+
+def drop_connections(broker_url: str) -> int:
+    """Close every client connection of the vhost at the broker (as a broker restart or a
+    network cut would); returns how many there were."""
+    vhost = vhost_of(broker_url)
+    listed = _rabbitmqctl("list_connections", "-q", "--no-table-headers", "vhost")
+    count = sum(line.strip() == vhost for line in listed.stdout.splitlines())
+    closed = _rabbitmqctl("close_all_connections", "--vhost", vhost, "test: connection dropped")
+    assert closed.returncode == 0, closed.stderr
+    return count
+
+
+@pytest.fixture
+def broker_url() -> Iterator[str]:
+    """A fresh vhost, deleted after the test."""
+    with fresh_vhost() as url:
+        yield url
 
 
 @pytest.fixture
@@ -80,12 +102,14 @@ class WorkerHost:
                 self.proc.wait()
 
 
-@pytest.fixture
-def start_worker(inductor_cache: Path) -> Iterator[Callable[..., WorkerHost]]:
-    """Factory: start ``lowering-service worker --name NAME`` with LOWERING_* overrides."""
-    hosts: list[WorkerHost] = []
+class WorkerHosts:
+    """Starts ``lowering-service worker --name NAME`` processes; stops them all at the end."""
 
-    def start(name: str, *, data_dir: Path, database_url: str, broker_url: str,
+    def __init__(self, inductor_cache: Path) -> None:
+        self.inductor_cache = inductor_cache
+        self.hosts: list[WorkerHost] = []
+
+    def start(self, name: str, *, data_dir: Path, database_url: str, broker_url: str,
               **overrides: object) -> WorkerHost:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOWERING_")}
         env.update({
@@ -93,7 +117,7 @@ def start_worker(inductor_cache: Path) -> Iterator[Callable[..., WorkerHost]]:
             "LOWERING_DATABASE_URL": database_url,
             "LOWERING_BROKER_URL": broker_url,
             "LOWERING_WORKERS": "1",
-            "LOWERING_INDUCTOR_CACHE_DIR": str(inductor_cache),
+            "LOWERING_INDUCTOR_CACHE_DIR": str(self.inductor_cache),
             "LOWERING_LOG_LEVEL": "info",
             "PYTHONPATH": str(ROOT),
         })
@@ -105,12 +129,20 @@ def start_worker(inductor_cache: Path) -> Iterator[Callable[..., WorkerHost]]:
                                     cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         host = WorkerHost(name, proc, log_path)
-        hosts.append(host)
+        self.hosts.append(host)
         return host
 
-    yield start
-    for host in hosts:
-        host.stop()
+    def stop_all(self) -> None:
+        for host in self.hosts:
+            host.stop()
+
+
+@pytest.fixture
+def start_worker(inductor_cache: Path) -> Iterator[Callable[..., WorkerHost]]:
+    """Factory: start ``lowering-service worker --name NAME`` with LOWERING_* overrides."""
+    hosts = WorkerHosts(inductor_cache)
+    yield hosts.start
+    hosts.stop_all()
 
 
 def wait_until(predicate: Callable[[], object], *, timeout_s: float, what: str,

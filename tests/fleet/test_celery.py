@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,14 @@ import pytest
 from tests.conftest import Server
 from tests.e2e.test_faults import _all_gone, _compiling_tree
 from tests.factories import submit, wait_for
-from tests.fleet.conftest import WorkerHost, wait_until
+from tests.fleet.conftest import (
+    WorkerHost,
+    WorkerHosts,
+    drop_connections,
+    fresh_vhost,
+    wait_until,
+)
+from tests.integration.conftest import fresh_pg_database
 
 pytestmark = pytest.mark.slow
 LEASE_S = 10  # short, so a silent host's job is taken back within seconds
@@ -34,24 +42,57 @@ class Fleet:
     database_url: str
     broker_url: str
 
+    def api_settings(self) -> dict[str, object]:
+        """LOWERING_* overrides of an API replica of this fleet."""
+        return {"executor": "celery", "database_url": self.database_url,
+                "broker_url": self.broker_url, "lease_s": LEASE_S}
+
+
+def _start_fleet(start_worker: Callable[..., WorkerHost], start_server: Callable[..., Server],
+                 data_dir: Path, database_url: str, broker_url: str) -> Fleet:
+    host = start_worker("host-a", data_dir=data_dir, database_url=database_url,
+                        broker_url=broker_url, lease_s=LEASE_S)
+    fleet = Fleet(None, [host], database_url, broker_url)  # type: ignore[arg-type]
+    fleet.server = start_server(data_dir, ready=False, migrate_on_start="true",
+                                **fleet.api_settings())
+    wait_live(fleet.server, "host-a", host)
+    fleet.server.wait_ready(timeout_s=60)
+    return fleet
+
 
 @pytest.fixture
 def fleet(broker_url: str, fleet_db: str, start_worker: Callable[..., WorkerHost],
           start_server: Callable[..., Server], tmp_path: Path) -> Iterator[Fleet]:
-    """host-a and an API on LOWERING_EXECUTOR=celery, sharing a data dir; the API stops
-    with the test (before its database and vhost go), the hosts right after."""
+    """host-a and an API on LOWERING_EXECUTOR=celery, sharing a data dir, for a test that
+    kills the host; the API stops with the test (before its database and vhost go)."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    host = start_worker("host-a", data_dir=data_dir, database_url=fleet_db,
-                        broker_url=broker_url, lease_s=LEASE_S)
-    server = start_server(data_dir, ready=False, executor="celery", database_url=fleet_db,
-                          broker_url=broker_url, migrate_on_start="true", lease_s=LEASE_S)
+    fleet = None
     try:
-        wait_live(server, "host-a", host)
-        server.wait_ready(timeout_s=60)
-        yield Fleet(server, [host], fleet_db, broker_url)
+        fleet = _start_fleet(start_worker, start_server, data_dir, fleet_db, broker_url)
+        yield fleet
     finally:
-        server.stop()
+        if fleet is not None and fleet.server is not None:
+            fleet.server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(inductor_cache: Path, start_server: Callable[..., Server],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """One fleet (host-a, an API) for the tests that leave it standing: a host boot and a
+    vhost, database and API less per test."""
+    data_dir = tmp_path_factory.mktemp("fleet") / "data"
+    data_dir.mkdir()
+    hosts = WorkerHosts(inductor_cache)
+    fleet = None
+    with fresh_vhost() as broker, fresh_pg_database() as database:
+        try:
+            fleet = _start_fleet(hosts.start, start_server, data_dir, database, broker)
+            yield fleet
+        finally:
+            if fleet is not None and fleet.server is not None:
+                fleet.server.stop()
+            hosts.stop_all()
 
 
 def wait_live(server: Server, name: str, host: WorkerHost) -> None:
@@ -68,8 +109,8 @@ def wait_live(server: Server, name: str, host: WorkerHost) -> None:
     wait_until(live, timeout_s=BOOT_S, what=f"{name} live in /v1/info", host=host)
 
 
-def test_a_lowering_runs_on_a_worker_host(fleet: Fleet, programs: Path) -> None:
-    server = fleet.server
+def test_a_lowering_runs_on_a_worker_host(shared: Fleet, programs: Path) -> None:
+    server = shared.server
     node = f"host-a@{socket.gethostname()}"
     with httpx.Client(base_url=server.url, timeout=700) as http:
         info = http.get("/v1/info").json()
@@ -85,8 +126,8 @@ def test_a_lowering_runs_on_a_worker_host(fleet: Fleet, programs: Path) -> None:
     assert response.content[:2] == b"PK"
 
 
-def test_cancel_stops_the_compile_on_the_worker_host(fleet: Fleet, programs: Path) -> None:
-    server, (host,) = fleet.server, fleet.hosts
+def test_cancel_stops_the_compile_on_the_worker_host(shared: Fleet, programs: Path) -> None:
+    server, (host,) = shared.server, shared.hosts
     with server.client() as http:
         job_id = submit(http, programs / "slower.pt2", model_name="slow_cancel").json()["id"]
         running = wait_for(http, job_id, until={"running"}, phase="lower", timeout_s=300)
@@ -147,3 +188,64 @@ def test_a_host_stopped_mid_job_hands_the_job_back_at_once(
         job = wait_for(http, job_id, until={"succeeded"}, timeout_s=300)
     assert job["worker"].startswith("host-b@"), job
     assert job["attempts"] == 1, job
+
+
+def test_a_dropped_broker_connection_loses_no_job(shared: Fleet, programs: Path) -> None:
+    """Every connection of the vhost is closed at the broker while a job compiles (a
+    broker restart, a network cut): the compile goes on and finishes once, and both the
+    API (publishing) and the host (consuming) reconnect for the next job."""
+    server = shared.server
+    with httpx.Client(base_url=server.url, timeout=700) as http:
+        job_id = submit(http, programs / "slow.pt2", model_name="slow_drop").json()["id"]
+        wait_for(http, job_id, until={"running"}, phase="lower", timeout_s=300)
+        assert drop_connections(shared.broker_url) >= 2  # the API's and the host's
+        job = wait_for(http, job_id, until={"succeeded", "failed"}, timeout_s=600)
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job
+        after = submit(http, programs / "linear.pt2", wait=600, model_name="after_drop")
+        assert after.status_code == 200, after.text
+    assert shared.hosts[0].proc.poll() is None
+
+
+def test_replicas_compile_once_and_a_dead_replica_loses_no_job(
+    shared: Fleet, start_server: Callable[..., Server], programs: Path,
+) -> None:
+    """Two replicas get the same program at once: one compile. The replica holding a
+    ?wait dies: the client sends it again to the other, which finds the same job."""
+    first = shared.server
+    second = start_server(first.data_dir, **shared.api_settings())
+    program = programs / "slow.pt2"
+    answers: dict[str, httpx.Response | Exception] = {}
+
+    def post(name: str, server: Server) -> None:
+        with httpx.Client(base_url=server.url, timeout=700) as http:
+            try:
+                answers[name] = submit(http, program, wait=600, model_name="replicated")
+            except httpx.TransportError as exc:
+                answers[name] = exc
+
+    threads = [threading.Thread(target=post, args=(name, server))
+               for name, server in (("first", first), ("second", second))]
+    for thread in threads:
+        thread.start()
+    with first.client() as http:
+        def both_recorded_one_running() -> bool:
+            items = http.get("/v1/lowerings", params={"model_name": "replicated"}).json()
+            return len(items["items"]) == 2 and any(
+                job["status"] == "running" for job in items["items"])
+
+        wait_until(both_recorded_one_running, timeout_s=300, what="both submits recorded")
+        second.proc.kill()  # mid-wait, the job compiling on host-a
+        threads[1].join(timeout=60)
+        assert isinstance(answers["second"], httpx.TransportError), answers
+        # The client retries the same request on the other replica.
+        retry = submit(http, program, wait=600, model_name="replicated")
+        threads[0].join(timeout=600)
+        assert retry.status_code == 200, retry.text
+        done = answers["first"]
+        assert isinstance(done, httpx.Response) and done.status_code == 200, done
+        assert retry.content == done.content
+        jobs = http.get("/v1/lowerings", params={"model_name": "replicated"}).json()["items"]
+    assert len(jobs) == 3 and {job["status"] for job in jobs} == {"succeeded"}, jobs
+    compiled = [job for job in jobs if not job["cache_hit"] and not job["coalesced_with"]]
+    assert len(compiled) == 1, jobs
+    assert {job["coalesced_with"] for job in jobs} - {None} <= {compiled[0]["id"]}

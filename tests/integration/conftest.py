@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 
@@ -23,9 +24,9 @@ def _postgres_reachable() -> bool:
         engine.dispose()
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards (a skip when PostgreSQL is down)."""
     if not _postgres_reachable():
         pytest.skip("PostgreSQL at 127.0.0.1:5432 is not reachable")
     name = f"mig_{uuid.uuid4().hex}"
@@ -40,3 +41,8 @@ def pg_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards."""
+    with fresh_pg_database() as url:
+        yield url
