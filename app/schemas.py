@@ -110,7 +110,9 @@ class LoweringPublic(BaseModel):
 
     id: str
     status: JobStatus
-    phase: Phase | None = Field(None, description="the step a running job is in")
+    phase: Phase | None = Field(None, description=(
+        "the step a running job is in; waiting_for_host: queued, and no live worker host "
+        "serves its target"))
     model_name: str
     backend_id: str
     device: str
@@ -126,7 +128,9 @@ class LoweringPublic(BaseModel):
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase")
-    toolchain: dict[str, Any] | None = None
+    toolchain: dict[str, Any] | None = Field(None, description=(
+        "what builds it: the toolchain of the host (class) it is sent to, then the one that "
+        "built it"))
     worker_pid: int | None = None
     worker: str | None = Field(
         None, description="node name of the worker host that ran (or runs) it, "
@@ -264,6 +268,7 @@ class LoweringCreate(BaseModel):
     def as_fields(self) -> dict[str, Any]:
         """The job record's fields this form sets."""
         return self.model_dump()
+
 
 # -- resumable uploads (/v1/uploads) ----------------------------------------------------
 

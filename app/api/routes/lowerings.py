@@ -137,10 +137,13 @@ async def create_lowering(
     started = time.monotonic()  # "validate" times the checks, not the client's upload
     job_id = uuid.uuid4().hex
     try:
+        # A fleet queues a job for a target no live host serves (its phase says so); a
+        # host that runs its own jobs refuses a device it does not have.
         # A ready resumable upload (POST /v1/uploads), by id or "sha256:<hex>".
         upload_name = form.fields.pop("upload", None)
         cuda = executor.toolchain.get("cuda_devices", 0) if executor.toolchain else None
-        params = parse_form(form.fields, settings=settings, cuda_devices=cuda)
+        params = parse_form(form.fields, settings=settings, cuda_devices=cuda,
+                            check_device=executor.runs_jobs_here)
         if upload_name is not None:
             if form.file_path is not None:
                 raise Unprocessable("send the program file or name an upload, not both")
@@ -173,13 +176,15 @@ async def create_lowering(
         "timings": {"validate": round(time.monotonic() - started, 4)},
         **params.as_fields(),  # type: ignore[typeddict-item]
     }
-    if settings.cache and executor.toolchain is not None:
+    # The toolchain of the host class that will build it: the keys' and the route's.
+    toolchain = executor.toolchain_for(params.device)
+    fields["toolchain"] = toolchain
+    if settings.cache and toolchain is not None:
         fields["cache_key"] = cache_key(input_sha256=input_sha256, params=params.as_fields(),
-                                        toolchain=executor.toolchain)
+                                        toolchain=toolchain)
         if cache == "use":  # bypass: compiled afresh, so it neither takes nor gives code
             fields["code_key"] = code_key(structure_sha256=structure_sha256,
-                                          params=params.as_fields(),
-                                          toolchain=executor.toolchain)
+                                          params=params.as_fields(), toolchain=toolchain)
     try:
         admission = await to_thread.run_sync(lambda: lifecycle.admit(
             fields, use_cache=cache == "use", max_waiting=settings.max_queued))
