@@ -25,7 +25,7 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from app.client.exceptions import ChecksumMismatch, LoweringAPIError
-from app.client.sdk import FORM, Job, LoweringClient
+from app.client.sdk import FORM, RESUMABLE_THRESHOLD_BYTES, Job, LoweringClient
 from app.constants import JobStatus
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_ERROR, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -57,7 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds between status polls (default %(default)s)")
 
     submit = commands.add_parser("submit", parents=[waiting], help="upload a .pt2 program")
-    submit.add_argument("file", type=Path, metavar="FILE")
+    submit.add_argument("file", type=Path, metavar="FILE", nargs="?",
+                        help="the program (or name an earlier upload with --upload)")
+    sending = submit.add_mutually_exclusive_group()
+    sending.add_argument("--resumable", action="store_true",
+                         help="send FILE in parts, retrying each (always done from "
+                         f"{RESUMABLE_THRESHOLD_BYTES // 1024**2} MiB); nothing is sent "
+                         "when the service already holds the same bytes")
+    sending.add_argument("--upload", metavar="ID", help="lower a ready upload (an upload id "
+                         "or sha256:HEX) instead of FILE")
     # One flag per field of the form (app.schemas.LoweringCreate), with its default.
     submit.add_argument("--model-name", required=True, help=FORM["model_name"].description)
     submit.add_argument("--backend-id", default=FORM["backend_id"].default,
@@ -82,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(name, help=text).add_argument("job_id", metavar="ID")
     wait = commands.add_parser("wait", parents=[waiting], help="wait until a job ends")
     wait.add_argument("job_id", metavar="ID")
+    upload = commands.add_parser("upload", help="send a program in parts (resumable) and "
+                                 "print the ready upload; submit it with --upload ID")
+    upload.add_argument("file", type=Path, metavar="FILE")
     download = commands.add_parser("download", help="download a job's artifact")
     download.add_argument("job_id", metavar="ID")
     download.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
@@ -155,9 +166,18 @@ def _verdict(job: Job, err: Console) -> int:
 
 
 def _submit(client: LoweringClient, args: argparse.Namespace, err: Console) -> int:
-    job = client.submit(args.file, model_name=args.model_name, backend_id=args.backend_id,
-                        device=args.device, options=dict(args.options), verify=args.verify,
-                        rtol=args.rtol, atol=args.atol)
+    if (args.file is None) == (args.upload is None):
+        _say(err, "error: give FILE or --upload ID (one of them)", "red")
+        return EXIT_ERROR
+    form = {"model_name": args.model_name, "backend_id": args.backend_id,
+            "device": args.device, "options": dict(args.options), "verify": args.verify,
+            "rtol": args.rtol, "atol": args.atol}
+    if args.upload is not None:
+        job = client.submit_upload(args.upload, **form)
+    else:
+        if args.resumable:
+            client.resumable_threshold_bytes = 0
+        job = client.submit(args.file, **form)
     if not (args.wait or args.output):
         _print_job(job)
         return EXIT_OK
@@ -165,6 +185,20 @@ def _submit(client: LoweringClient, args: argparse.Namespace, err: Console) -> i
     if job.get("status") == JobStatus.SUCCEEDED.value and args.output is not None:
         _say(err, f"saved {client.download(job['id'], args.output)}")
     return _verdict(job, err)
+
+
+def _upload(client: LoweringClient, args: argparse.Namespace, err: Console) -> int:
+    def progress(sent: int, count: int) -> None:
+        _say(err, f"part {sent}/{count} sent", "dim")
+
+    ready = client.upload(args.file, on_part=progress)
+    if ready is None:
+        _say(err, f"error: {args.url} has no resumable uploads (an older release); "
+             "use lowerctl submit FILE", "red")
+        return EXIT_ERROR
+    _print_job(ready)
+    _say(err, f"ready: lowerctl submit --upload {ready['id']} --model-name NAME")
+    return EXIT_OK
 
 
 def _status(client: LoweringClient, args: argparse.Namespace, err: Console) -> int:
@@ -212,7 +246,7 @@ def _list(client: LoweringClient, args: argparse.Namespace, err: Console) -> int
 
 _COMMANDS: dict[str, Callable[[LoweringClient, argparse.Namespace, Console], int]] = {
     "submit": _submit, "status": _status, "wait": _wait_cmd, "download": _download,
-    "list": _list, "cancel": _cancel, "log": _log,
+    "list": _list, "cancel": _cancel, "log": _log, "upload": _upload,
 }
 
 

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 
 from app import __version__
-from app.client.exceptions import ChecksumMismatch, check
+from app.client.exceptions import ChecksumMismatch, LoweringAPIError, check
 from app.constants import FINAL_STATUSES, JobStatus
 from app.schemas import LoweringCreate
 
@@ -31,6 +31,10 @@ Job = dict[str, Any]
 FORM = LoweringCreate.model_fields
 _FINAL = frozenset(status.value for status in FINAL_STATUSES)
 _DOWNLOAD_CHUNK_BYTES = 1 << 20
+RESUMABLE_THRESHOLD_BYTES = 256 * 1024**2
+"""Programs at least this large are sent as resumable uploads (in parts) by ``submit``."""
+PART_ATTEMPTS = 4  # tries of one part before it is left for the next round
+UPLOAD_ROUNDS = 4  # rounds of (send what is missing, complete)
 
 
 def _job_path(job_id: str, suffix: str = "") -> str:
@@ -44,6 +48,32 @@ def _etag_sha256(response: httpx.Response) -> str | None:
     return value if re.fullmatch(r"[0-9a-f]{64}", value) else None
 
 
+def _form(*, model_name: str, backend_id: str, device: str, options: dict[str, Any] | None,
+          verify: bool, rtol: float | None, atol: float | None) -> dict[str, str]:
+    fields = {
+        "model_name": model_name,
+        "backend_id": backend_id,
+        "device": device,
+        "options": json.dumps(options or {}),
+        "verify": "true" if verify else "false",
+    }
+    # Only send tolerances the caller chose, so the server's defaults apply otherwise.
+    if rtol is not None:
+        fields["rtol"] = repr(float(rtol))
+    if atol is not None:
+        fields["atol"] = repr(float(atol))
+    return fields
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as handle:
+        while block := handle.read(_DOWNLOAD_CHUNK_BYTES):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
 class LoweringClient:
     """Client for one lowering service.
 
@@ -52,6 +82,9 @@ class LoweringClient:
         ``wait`` has its own deadline.
     :param transport: an httpx transport to use instead of the network
         (``httpx.MockTransport`` in tests).
+    :param resumable_threshold_bytes: ``submit`` sends a program at least this large as a
+        resumable upload (``upload``): in parts, each retried, skipped entirely when the
+        service already holds the same bytes; 0 for every program, None for none.
 
     Use it as a context manager, or call ``close()``.
     """
@@ -62,8 +95,11 @@ class LoweringClient:
         *,
         timeout_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        resumable_threshold_bytes: int | None = RESUMABLE_THRESHOLD_BYTES,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.resumable_threshold_bytes = resumable_threshold_bytes
+        self.retry_pause_s = 0.5
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s),
@@ -99,27 +135,121 @@ class LoweringClient:
         """Upload a ``.pt2`` program and return the queued job (HTTP 202).
 
         The keywords are the form's fields (``app.schemas.LoweringCreate``); a tolerance
-        left as None is the server's default (``/v1/info`` verification).
+        left as None is the server's default (``/v1/info`` verification). A program of
+        ``resumable_threshold_bytes`` or more goes as a resumable upload (``upload``).
         """
-        fields = {
-            "model_name": model_name,
-            "backend_id": backend_id,
-            "device": device,
-            "options": json.dumps(options or {}),
-            "verify": "true" if verify else "false",
-        }
-        # Only send tolerances the caller chose, so the server's defaults apply otherwise.
-        if rtol is not None:
-            fields["rtol"] = repr(float(rtol))
-        if atol is not None:
-            fields["atol"] = repr(float(atol))
+        fields = _form(model_name=model_name, backend_id=backend_id, device=device,
+                       options=options, verify=verify, rtol=rtol, atol=atol)
         path = Path(path)
+        threshold = self.resumable_threshold_bytes
+        if threshold is not None and path.stat().st_size >= threshold:
+            ready = self.upload(path)
+            if ready is not None:
+                return self._submit_form(fields, ready["id"])
         # httpx reads an open file in chunks while encoding, so a large program is
         # never held in memory whole.
         with path.open("rb") as program:
             files = {"program": (path.name, program, "application/zip")}
             response = self._request("POST", "/v1/lowerings", data=fields, files=files)
         return response.json()
+
+    def submit_upload(
+        self,
+        upload: str,
+        *,
+        model_name: str,
+        backend_id: str = FORM["backend_id"].default,
+        device: str = FORM["device"].default,
+        options: dict[str, Any] | None = None,
+        verify: bool = FORM["verify"].default,
+        rtol: float | None = FORM["rtol"].default,
+        atol: float | None = FORM["atol"].default,
+    ) -> Job:
+        """Queue the lowering of a ready upload, named by its id or ``sha256:<hex>``."""
+        return self._submit_form(_form(model_name=model_name, backend_id=backend_id,
+                                       device=device, options=options, verify=verify,
+                                       rtol=rtol, atol=atol), upload)
+
+    def _submit_form(self, fields: dict[str, str], upload: str) -> Job:
+        # A multipart body without a file, as the form is: (None, value) is a plain field.
+        parts = {name: (None, value) for name, value in {**fields, "upload": upload}.items()}
+        return self._request("POST", "/v1/lowerings", files=parts).json()
+
+    def upload(self, path: str | os.PathLike[str], *,
+               on_part: Callable[[int, int], None] | None = None) -> Job | None:
+        """Send a program as a resumable upload and return it ready (gated), or None when
+        the service has no resumable uploads (an older release).
+
+        Nothing is sent when the service already holds these bytes (by sha256). Each part
+        is retried after a dropped connection or a 5xx; parts still missing are sent again
+        in the next round, as the service lists them. ``on_part(sent, count)`` is called
+        after each part. A refusal (the gate's, a size or sha256 mismatch) raises
+        LoweringAPIError, as a direct submit would.
+        """
+        path = Path(path)
+        size, sha256 = _size_and_sha256(path)
+        try:
+            upload = self._request("POST", "/v1/uploads",
+                                   json={"size_bytes": size, "sha256": sha256}).json()
+        except LoweringAPIError as exc:
+            if exc.status in (404, 405) and exc.code in ("not_found", "method_not_allowed",
+                                                         "http_404", "http_405"):
+                return None
+            raise
+        path_of = f"/v1/uploads/{quote(upload['id'], safe='')}"
+        for _ in range(UPLOAD_ROUNDS):
+            if upload["status"] == "ready":
+                return upload
+            sent = upload["part_count"] - len(upload["parts"])
+            with path.open("rb") as program:
+                for target in upload["parts"]:
+                    self._send_part(program, upload, target)
+                    sent += 1
+                    if on_part is not None:
+                        on_part(sent, upload["part_count"])
+            try:
+                return self._complete(path_of)
+            except LoweringAPIError as exc:
+                if exc.code not in ("parts_missing", "invalid_part"):
+                    raise
+            upload = self._request("GET", path_of).json()
+        return self._complete(path_of)  # raises what is still wrong
+
+    def _send_part(self, program: Any, upload: Job, target: Job) -> None:
+        """PUT one part, retried; left for the next round when every try fails."""
+        program.seek((target["number"] - 1) * upload["part_size_bytes"])
+        body = program.read(upload["part_size_bytes"])
+        for attempt in range(PART_ATTEMPTS):
+            try:
+                response = self._http.request(target.get("method", "PUT"), target["url"],
+                                              content=body)
+            except httpx.TransportError:
+                pass
+            else:
+                if response.status_code < 500:
+                    check(response)
+                    return
+            time.sleep(self.retry_pause_s * 2**attempt)
+
+    def _complete(self, path_of: str) -> Job:
+        """POST complete; a connection dropped while the gate runs is waited out."""
+        for _ in range(PART_ATTEMPTS):
+            try:
+                return self._request("POST", f"{path_of}/complete").json()
+            except httpx.TransportError:
+                pass
+            except LoweringAPIError as exc:
+                if exc.code != "upload_closed" and exc.status < 500:
+                    raise
+            while (state := self._request("GET", path_of).json())["status"] == "assembling":
+                time.sleep(self.retry_pause_s)
+            if state["status"] == "ready":
+                return state
+        return self._request("POST", f"{path_of}/complete").json()
+
+    def get_upload(self, upload: str) -> Job:
+        """Return one resumable upload: its status and the parts still to send."""
+        return self._request("GET", f"/v1/uploads/{quote(upload, safe='')}").json()
 
     def get(self, job_id: str) -> Job:
         """Return one job."""
