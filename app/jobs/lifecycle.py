@@ -130,12 +130,12 @@ class JobLifecycle:
                 sha = hit["artifact_sha256"] if hit else None
                 if hit is not None and sha and self.artifacts.is_intact(sha):
                     now = utcnow()
-                    job = self.store.create(
-                        **fields, status=S.value, cache_hit=True, created_at=now,
-                        started_at=now, finished_at=now,
-                        artifact_sha256=sha, artifact_size_bytes=hit["artifact_size_bytes"],
-                        verification=hit["verification"], toolchain=hit["toolchain"],
-                        profile=hit["profile"])
+                    job = self.store.create(**{
+                        **fields, "status": S.value, "cache_hit": True, "created_at": now,
+                        "started_at": now, "finished_at": now,
+                        "artifact_sha256": sha, "artifact_size_bytes": hit["artifact_size_bytes"],
+                        "verification": hit["verification"], "toolchain": hit["toolchain"],
+                        "profile": hit["profile"]})
                     self._notify(job)
                     return Admission(job, must_run=False)
                 leader = self.store.find_by_key(cache_key=key, statuses=ACTIVE)
