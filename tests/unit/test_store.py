@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from app.constants import JobStatus
 from app.jobs.store import JobStore
 from tests.factories import migrated_store
+from tests.integration.conftest import fresh_pg_database
 
 FIELDS = {"model_name": "m", "backend_id": "aoti", "device": "cpu", "options": {},
           "verify": True, "rtol": 1e-4, "atol": 1e-4, "input_sha256": "0" * 64,
@@ -38,20 +40,16 @@ def _postgres_url() -> str | None:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    else:
-        found = _postgres_url()
-        if found is None:
-            pytest.skip("PostgreSQL at 127.0.0.1:5432 (database test) is not reachable")
-        url = found
-    job_store = migrated_store(url)
-    yield job_store
-    if request.param == "postgresql":
-        with job_store.engine.begin() as conn:
-            conn.execute(text("DROP TABLE lowerings"))
-            conn.execute(text("DROP TABLE alembic_version"))
-    job_store.close()
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path / 'jobs.db'}"
+        else:
+            if _postgres_url() is None:
+                pytest.skip("PostgreSQL at 127.0.0.1:5432 (database test) is not reachable")
+            url = stack.enter_context(fresh_pg_database())  # dropped after the test
+        job_store = migrated_store(url)
+        stack.callback(job_store.close)
+        yield job_store
 
 
 def test_create_and_get(store: JobStore) -> None:
