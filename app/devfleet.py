@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -285,7 +286,7 @@ class Fleet:
         with log_path.open("wb") as log:
             proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_die_with_launcher)
         child = Child(name, proc, log_path)
         self.children.append(child)
         return child
@@ -431,6 +432,12 @@ class Fleet:
             "names the host",
             "Ctrl-C (or SIGTERM) stops everything.",
         ])
+
+
+def _die_with_launcher() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _moto_server() -> str | None:

@@ -1,4 +1,4 @@
-"""Is the service fast? One run, one machine, plain way vs service, eight figures.
+"""Is the service fast? One run, one machine, plain way vs service, nine figures.
 
 1. distinct:  a never-seen model, upload -> archive in hand (``POST ?wait=``) on a warm
               service vs the plain way (fresh ``python``: import torch, load,
@@ -17,6 +17,9 @@
 8. reuse:     fine-tunes (the same structure, other weights: tests.models.FineTune) vs
               the first lowering of that structure, end to end, each submitted on warm
               slots (bench/reuse.py). Target <= 0.2x, every one reused and verified.
+9. fleet:     ``make fleet`` started from here (bench/fleet.py): 8 distinct programs at once
+              on two worker hosts vs on one (target <= 0.6x), and a cache hit through the
+              fleet vs through this local service (target <= 2x).
 
 Every upload is a program generated here with its own seed (bench/gen_programs.py), so no
 two share a sha256 and the result cache can only hit where figure 2 asks it to.
@@ -36,13 +39,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import figures
+import fleet
 import reuse
 from figures import Distinct, Row
 from gen_programs import KINDS
 from harness import generate, plain_once, serve
 
 FIGURES = ("distinct", "identical", "parallel", "latency", "upload", "sandbox", "weights",
-           "reuse")
+           "reuse", "fleet")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         busy = programs.take(2 * args.workers) if "latency" in args.only else []
         par = programs.take(2 * args.parallel) if "parallel" in args.only else []
         boxed = programs.take(args.rounds * len(KINDS)) if "sandbox" in args.only else []
+        fleet_programs = programs.take(fleet.PARALLEL + 1) if "fleet" in args.only else []
         heavy = ([p for mb in args.weights_mb for p in programs.take(1, (f"w{mb}",))]
                  if "weights" in args.only else [])
         started = time.perf_counter()
@@ -180,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                     tmp / "fine-tunes", reuse.seeds(args.seed or int(time.time()) % 100_000,
                                                     3 if args.quick else 5))
                 rows += _guard("reuse", lambda: reuse.reuse(server, tunes))
+            if "fleet" in args.only:
+                rows += _guard("fleet", lambda: fleet.fleet(
+                    server, fleet_programs[:-1], fleet_programs[-1], tmp / "fleet",
+                    tmp / "data" / "inductor"))
             if "sandbox" in args.only:
                 off_env = {**extra, "LOWERING_SANDBOX": "off"}
                 with serve(tmp / "data-off", workers=args.workers, extra_env=off_env) as off:

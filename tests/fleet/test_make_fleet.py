@@ -147,3 +147,13 @@ def test_a_part_that_dies_is_named_and_the_rest_are_stopped(
     assert launcher.proc.wait(timeout=60) == 1
     assert "moto exited with status -9" in launcher.out(), launcher.out()[-3000:]
     assert _all_gone(processes) == []
+
+
+def test_a_launcher_killed_outright_takes_its_children_along(
+        launch: Callable[..., Launcher]) -> None:
+    launcher = launch(hosts=1, api_ports=(free_port(),))
+    launcher.wait_ready()
+    processes = launcher.tree()
+    launcher.proc.kill()  # no handler runs: each child's parent-death signal stops it
+    launcher.proc.wait(timeout=10)
+    assert _all_gone(processes, timeout_s=60) == []
