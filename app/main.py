@@ -23,7 +23,8 @@ from app.jobs.store import JobStore
 from app.settings import Settings
 from app.storage.artifacts import LocalArtifactStore
 from app.storage.base import ArtifactStore, UploadStore
-from app.storage.files import LocalLogStore, LocalUploadStore
+from app.storage.files import LocalUploadStore
+from app.storage.joblogs import open_log_store
 from app.storage.reserve import make_reserve
 from app.worker import JobContext
 
@@ -32,7 +33,7 @@ log = logging.getLogger("app")
 
 def _open_stores(settings: Settings) -> tuple[UploadStore, ArtifactStore]:
     """Uploads and artifacts in the data dir, or in a bucket (LOWERING_STORAGE=s3, which
-    raises ObjectStoreUnavailable unless the bucket answers); logs are always local."""
+    raises ObjectStoreUnavailable unless the bucket answers). Logs: joblogs.open_log_store."""
     if settings.storage == "s3":
         from app.storage.s3 import open_s3_stores  # boto3 is imported only when used
 
@@ -67,7 +68,7 @@ def create_app(settings: Settings | None = None, *,
         migrate.prepare(settings.db_url, auto_upgrade=settings.db_url.startswith("sqlite")
                         or settings.migrate_on_start)
         store = JobStore(settings.db_url)
-        logs = LocalLogStore(settings.logs_dir)
+        logs = open_log_store(settings)
         lifecycle = JobLifecycle(store, uploads=uploads, logs=logs, artifacts=artifacts,
                                  lease_s=settings.lease_s)
         executor = make_executor(JobContext(settings, lifecycle, uploads, logs, artifacts))

@@ -96,6 +96,7 @@ def run_job(job_id: str, child: SandboxedChild, ctx: JobContext, *,
         outcome.error = exc
     finally:
         ended = child.finish(grace_s=EXIT_GRACE_S if outcome.result is not None else 0.0)
+        ctx.logs.seal(job_id)  # whole now; readable from every replica before it is final
     # The child's own account (it saw its compilers); the bwrap tree's if it said nothing.
     resources = outcome.resources or {"cpu_s": ended.cpu_s,
                                       "peak_rss_bytes": ended.peak_rss_bytes}

@@ -262,10 +262,10 @@ def _job_context(settings: Settings, nodename: str) -> worker.JobContext:
     from app.jobs.lifecycle import JobLifecycle
     from app.jobs.store import JobStore
     from app.main import _open_stores
-    from app.storage.files import LocalLogStore
+    from app.storage.joblogs import open_log_store
 
     uploads, artifacts = _open_stores(settings)
-    logs = LocalLogStore(settings.logs_dir)
+    logs = open_log_store(settings)
     lifecycle = JobLifecycle(JobStore(settings.db_url), uploads=uploads, logs=logs,
                              artifacts=artifacts, lease_s=settings.lease_s)
     lifecycle.dispatch = _redispatch

@@ -109,6 +109,9 @@ class LogStore(Protocol):
     def adopt(self, job_id: str, src: Path) -> None:
         """Make the file a child is writing to the job's log (the child keeps writing)."""
 
+    def seal(self, job_id: str) -> None:
+        """The child has exited: the log is whole; make it readable from every process."""
+
     def tail(self, job_id: str, limit_bytes: int) -> str:
         """The last ``limit_bytes`` of the log, decoded; empty when there is none."""
 

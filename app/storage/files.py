@@ -196,6 +196,9 @@ class LocalLogStore:
         with contextlib.suppress(OSError):
             os.replace(src, self._path(job_id))
 
+    def seal(self, job_id: str) -> None:
+        """Nothing to do: every process of this host (or shared data dir) reads the file."""
+
     def tail(self, job_id: str, limit_bytes: int) -> str:
         return tail_text(self._path(job_id), limit_bytes)
 

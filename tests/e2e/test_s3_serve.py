@@ -64,21 +64,26 @@ def test_lowered_archive_is_redirected_to_then_relayed(
     with zipfile.ZipFile(io.BytesIO(archive)) as zipped:
         assert any(n.endswith("models/linear-aoti.json") for n in zipped.namelist())
     assert again.status_code == 307 and urlsplit(again.headers["location"]).path == url.path
-    # Uploads and artifacts are in the bucket, nothing of them in the data dir.
-    assert _keys(client, name) == sorted([key, f"svc/uploads/{job_id}.pt2"])
+    # Uploads, artifacts and the ended job's log are in the bucket, not in the data dir.
+    assert _keys(client, name) == sorted([key, f"svc/uploads/{job_id}.pt2",
+                                          f"svc/logs/{job_id}.log"])
     assert not list((server.data_dir / "artifacts").rglob("*.pt2"))
     assert not list((server.data_dir / "uploads").rglob("*.pt2"))
+    assert not (server.data_dir / "logs" / f"{job_id}.log").exists()
     server.stop()
 
     relay = _s3_server(start_server, endpoint, name, server.data_dir, s3_downloads="stream")
     with httpx.Client(base_url=relay.url, timeout=600) as http:
         streamed = http.get(f"/v1/lowerings/{job_id}/artifact")
+        job_log = http.get(f"/v1/lowerings/{job_id}/log")
+        sealed = client.get_object(Bucket=name, Key=f"svc/logs/{job_id}.log")["Body"].read()
         head = http.head(f"/v1/lowerings/{job_id}/artifact")
         hit = submit(http, programs / "linear.pt2", wait=600, model_name="linear")
         hit_id = hit.headers["x-lowering-id"]
         assert http.delete(f"/v1/lowerings/{job_id}").status_code == 204
         assert http.delete(f"/v1/lowerings/{hit_id}").status_code == 204
     assert streamed.status_code == 200 and streamed.content == archive
+    assert job_log.status_code == 200 and job_log.content == sealed and sealed  # from the bucket
     assert streamed.headers["content-type"] == "application/zip"
     assert streamed.headers["content-length"] == str(len(archive))
     assert streamed.headers["etag"] == f'"{sha256}"'

@@ -312,3 +312,37 @@ def test_an_object_store_failure_during_a_job_is_a_clear_job_error(tmp_path: Pat
         _hand_over(job, cast(Any, Child()), ctx)
     assert fetched.value.code == ErrorCode.STORAGE_UNAVAILABLE
     assert "upload could not be fetched" in fetched.value.message
+
+
+def test_a_job_log_is_local_while_it_runs_and_in_the_bucket_once_sealed(
+        client: Any, bucket: str, tmp_path: Path) -> None:
+    from app.storage.files import LocalLogStore
+    from app.storage.joblogs import S3LogStore
+
+    logs = S3LogStore(client, bucket=bucket, prefix="p", local=LocalLogStore(tmp_path / "logs"))
+    (tmp_path / "logs").mkdir()
+    written = tmp_path / "child.log"
+    written.write_text("".join(f"line {i}\n" for i in range(2000)))
+    logs.adopt("j1", written)
+    assert logs.tail("j1", 10) == "line 1999\n"  # the local file: the job runs here
+    logs.seal("j1")
+    assert not (tmp_path / "logs" / "j1.log").exists()
+    assert logs.tail("j1", 10) == "line 1999\n"  # the bucket's, by a ranged GET
+    whole = b"".join(logs.chunks("j1") or [])
+    assert whole.startswith(b"line 0\n") and whole.count(b"\n") == 2000
+    assert logs.chunks("nope") is None and logs.tail("nope", 100) == ""
+    logs.remove("j1")
+    assert logs.chunks("j1") is None
+    assert client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_a_log_the_bucket_refuses_stays_on_the_host(tmp_path: Path) -> None:
+    from app.storage.files import LocalLogStore
+    from app.storage.joblogs import S3LogStore
+
+    dead = make_client(endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1")
+    logs = S3LogStore(dead, bucket="lowering", prefix="", local=LocalLogStore(tmp_path))
+    (tmp_path / "child.log").write_text("compiling\n")
+    logs.adopt("j2", tmp_path / "child.log")
+    logs.seal("j2")  # logged, not raised: a job never fails for its log
+    assert logs.tail("j2", 100) == "compiling\n"
