@@ -40,7 +40,7 @@ log = logging.getLogger("app.storage.resumable")
 UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 S3_MIN_PART_BYTES = 5 * 1024**2  # S3 refuses smaller parts, but the last
-S3_MAX_PARTS = 10_000
+MAX_PARTS = 10_000
 SWEEP_BATCH = 32
 
 
@@ -91,10 +91,12 @@ def known_shape(upload_id: str) -> str:
 
 
 def plan_parts(size_bytes: int, *, part_bytes: int, direct: bool) -> tuple[int, int]:
-    """(part size, number of parts) of an upload of ``size_bytes``; an object store needs
-    parts of at least 5 MiB and at most 10,000 of them."""
+    """(part size, number of parts) of an upload of ``size_bytes``: never more than 10,000
+    parts (S3's limit, and what keeps the answer that lists them small); an object store
+    also needs parts of at least 5 MiB."""
+    part_bytes = max(part_bytes, math.ceil(size_bytes / MAX_PARTS))
     if direct:
-        part_bytes = max(part_bytes, S3_MIN_PART_BYTES, math.ceil(size_bytes / S3_MAX_PARTS))
+        part_bytes = max(part_bytes, S3_MIN_PART_BYTES)
     return part_bytes, max(1, math.ceil(size_bytes / part_bytes))
 
 

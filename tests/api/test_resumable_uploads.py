@@ -247,3 +247,10 @@ def test_expired_uploads_are_swept(make_api: Callable[..., Api], linear: bytes) 
     assert not parts.exists()
     assert api.services.store.engine.connect().exec_driver_sql(
         f"SELECT count(*) FROM uploads WHERE id = '{upload['id']}'").scalar() == 0
+
+
+def test_never_more_than_10000_parts(make_api: Callable[..., Api]) -> None:
+    api = make_api(upload_part_bytes=PART, max_upload_bytes=2 * 1024**3)
+    upload = api.client.post("/v1/uploads", json={"size_bytes": 2 * 1024**3}).json()
+    assert upload["part_count"] <= 10_000 and len(upload["parts"]) == upload["part_count"]
+    assert upload["part_size_bytes"] * upload["part_count"] >= 2 * 1024**3
