@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -254,3 +255,28 @@ def test_never_more_than_10000_parts(make_api: Callable[..., Api]) -> None:
     upload = api.client.post("/v1/uploads", json={"size_bytes": 2 * 1024**3}).json()
     assert upload["part_count"] <= 10_000 and len(upload["parts"]) == upload["part_count"]
     assert upload["part_size_bytes"] * upload["part_count"] >= 2 * 1024**3
+
+
+def test_two_completes_at_once_assemble_once(api: Api, linear: bytes) -> None:
+    upload = _send_all(api, linear)
+    url = f"/v1/uploads/{upload['id']}/complete"
+
+    async def both() -> list[httpx.Response]:
+        answers: list[httpx.Response] = []
+
+        async def one() -> None:
+            answers.append(await api.client.http.post(url))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(one)
+            group.start_soon(one)
+        return answers
+
+    answers = api.client.portal.call(both)
+    statuses = sorted(response.status_code for response in answers)
+    assert statuses in ([200, 200], [200, 409]), [r.text for r in answers]
+    for response in answers:
+        if response.status_code == 409:
+            assert response.json()["error"]["code"] == "upload_closed"
+    assert len(list((api.settings.uploads_dir / ".kept").iterdir())) == 1
+    assert api.client.get(f"/v1/uploads/{upload['id']}").json()["status"] == "ready"
