@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from figures import Row, _verdict
+from figures import Row, _busy_s, _job_cores, _verdict
 from harness import JOB_TIMEOUT_S, ROOT, SUBMIT_RETRIES, Server, _why, free_port
 
 sys.path.insert(0, str(ROOT))
@@ -68,23 +68,25 @@ def _config(tmp: Path, hosts: int, inductor_dir: Path) -> FleetConfig:
                        env={"LOWERING_LOG_LEVEL": "warning", "LOWERING_MAX_QUEUED": "64"})
 
 
-def _at_once(urls: list[str], programs: list[Path]) -> tuple[float, list[str]]:
-    """All programs submitted together, spread over the replicas; wall seconds, workers."""
+def _at_once(urls: list[str], programs: list[Path]) -> tuple[float, list[str], str]:
+    """All programs submitted together, spread over the replicas: wall seconds, the host
+    each ran on, and how busy the machine and the jobs were (other load shows here)."""
     clients = [httpx.Client(base_url=url, timeout=JOB_TIMEOUT_S + 60,
                             limits=httpx.Limits(max_connections=len(programs) + 2))
                for url in urls]
     try:
-        started = time.perf_counter()
+        cpu, started = _busy_s(), time.perf_counter()
         with ThreadPoolExecutor(len(programs)) as pool:
             ids = list(pool.map(lambda i: lowered(clients[i % len(clients)], programs[i],
                                                   bypass=True)[1], range(len(programs))))
         wall = time.perf_counter() - started
-        workers = [clients[0].get(f"/v1/lowerings/{i}").json().get("worker") or "?"
-                   for i in ids]
+        busy = f"machine busy {(_busy_s() - cpu) / wall:.2f} cores on average"
+        jobs = [clients[0].get(f"/v1/lowerings/{i}").json() for i in ids]
     finally:
         for client in clients:
             client.close()
-    return wall, [w.split("@")[0] for w in workers]
+    ran_on = [str(job.get("worker") or "?").split("@")[0] for job in jobs]
+    return wall, ran_on, f"{busy}, {_job_cores(jobs, wall)}"
 
 
 def _cache_hits(fleet_url: str, local_url: str, program: Path) -> tuple[float, float]:
@@ -117,11 +119,10 @@ def fleet(local: Server, programs: list[Path], hit_program: Path, tmp: Path,
             print(f"  fleet with {hosts} worker host(s) ready in {running.ready_s:.0f} s",
                   flush=True)
             time.sleep(5)  # each host's sandbox warms up after it joins, as on a live fleet
-            walls[hosts], ran_on = _at_once(running.config.api_urls, programs)
-            print(f"  {len(programs)} at once on {hosts} host(s): {walls[hosts]:.1f} s "
-                  f"(ran on {', '.join(sorted(set(ran_on)))}: "
-                  f"{', '.join(f'{h} {ran_on.count(h)}' for h in sorted(set(ran_on)))})",
-                  flush=True)
+            walls[hosts], ran_on, load = _at_once(running.config.api_urls, programs)
+            print(f"  {len(programs)} at once on {hosts} host(s): {walls[hosts]:.1f} s (ran on "
+                  f"{', '.join(f'{h} {ran_on.count(h)}' for h in sorted(set(ran_on)))}; "
+                  f"{load})", flush=True)
             if hosts == 2:
                 ratio = walls[2] / walls[1]
                 rows.append(Row(f"fleet: {len(programs)} distinct on 2 hosts / on 1 host "
