@@ -1,7 +1,8 @@
 """OpenAPI additions, generated from the models and the error registry.
 
 FORM_SCHEMA is the submit route's multipart body (parsed by hand, so FastAPI cannot see
-it): LoweringCreate's fields plus the ``program`` file. SUBMIT_RESPONSES is what that
+it): LoweringCreate's fields plus the ``program`` file or the ``upload`` that names a ready
+resumable upload (one of the two). SUBMIT_RESPONSES is what that
 route answers; ERROR_RESPONSES the error statuses of every other route.
 """
 
@@ -27,7 +28,10 @@ from app.errors import (
 from app.schemas import ErrorBody, LoweringCreate, LoweringPublic
 
 PROGRAM = {"type": "string", "format": "binary",
-           "description": ".pt2 file written by torch.export.save"}
+           "description": ".pt2 file written by torch.export.save (or send upload)"}
+UPLOAD = {"type": "string", "pattern": "^([0-9a-f]{32}|sha256:[0-9a-fA-F]{64})$",
+          "description": "instead of program: a ready resumable upload (POST /v1/uploads), "
+                         "by its id or sha256:<hex>"}
 RETRY_AFTER = {"Retry-After": {"description": "seconds after which a retry may find room",
                                "schema": {"type": "integer"}}}
 
@@ -48,8 +52,8 @@ def _form_schema() -> dict[str, Any]:
     fields = {name: _form_field(field) for name, field in model["properties"].items()}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object",
-        "required": ["program", *model.get("required", ())],
-        "properties": {"program": PROGRAM, **fields},
+        "required": list(model.get("required", ())),  # and program or upload
+        "properties": {"program": PROGRAM, "upload": UPLOAD, **fields},
         "additionalProperties": False,
     }}}}}
 

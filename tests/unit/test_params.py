@@ -258,8 +258,8 @@ def test_a_valid_form_round_trips(model_name: str, backend_id: str, device: str,
 
 def test_form_schema_is_the_models() -> None:
     schema = FORM_SCHEMA["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert list(schema["properties"]) == ["program", *LoweringCreate.model_fields]
-    assert schema["required"] == ["program", "model_name"]
+    assert list(schema["properties"]) == ["program", "upload", *LoweringCreate.model_fields]
+    assert schema["required"] == ["model_name"]  # and program or upload
     assert schema["properties"]["rtol"] == {
         "type": "number", "minimum": 0, "title": "Rtol",
         "description": LoweringCreate.model_fields["rtol"].description}
