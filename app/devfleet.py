@@ -317,12 +317,10 @@ class Fleet:
         for i, name in enumerate(names):
             data_dir = self.run_dir / name
             env = {**self._host_env(), "LOWERING_DATA_DIR": str(data_dir)}
-            child = self._spawn(name, [sys.executable, "-m", "app.cli", "worker", "--name",
-                                       name], env)
+            self._spawn(name, [sys.executable, "-m", "app.cli", "worker", "--name", name], env)
             if i == 0 and shared is not None and len(names) > 1 and not _primed(shared):
                 self._until(lambda: _primed(shared), BOOT_TIMEOUT_S,
                             f"{name} priming the shared inductor cache {shared}")
-            del child
 
     def _wait_ready(self) -> None:
         names = set(self.config.host_names)
@@ -426,10 +424,12 @@ class Fleet:
             f"  logs      {self.logs_dir}/ {logs}",
             "try:",
             f"  curl -s {cfg.api_urls[0]}/v1/info | python3 -m json.tool",
-            f"  curl -s -F program=@model.pt2 '{cfg.api_urls[-1]}/v1/lowerings?wait=600' "
-            "-o model.aoti.pt2 -D -",
-            f"  curl -s {cfg.api_urls[0]}/v1/lowerings/<id>     # any replica; 'worker' "
-            "names the host",
+            f"  curl -s -D - -o /dev/null -F program=@model.pt2 "
+            f"'{cfg.api_urls[-1]}/v1/lowerings?wait=600'   # x-lowering-id: <id>",
+            f"  curl -s {cfg.api_urls[0]}/v1/lowerings/<id>   # any replica; 'worker' names "
+            "the host",
+            f"  curl -sL -o model.aoti.pt2 {cfg.api_urls[0]}/v1/lowerings/<id>/artifact   "
+            "# 307 to S3",
             "Ctrl-C (or SIGTERM) stops everything.",
         ])
 
