@@ -207,15 +207,9 @@ def test_timeout_then_restart_keeps_jobs_and_preloads(
         pids = [http.get(f"/v1/lowerings/{job_id}").json()["worker_pid"]
                 for job_id in (done_id, other.headers["x-lowering-id"])]
         assert pids[0] != pids[1], "two jobs ran in the same sandboxed process"
-    second.stop()
-
-    third = start_server(data_dir, workers=1)
-    with third.client() as http:
-        job = http.get(f"/v1/lowerings/{done_id}").json()
-        assert job["status"] == "succeeded"
-        artifact = http.get(job["artifact"]["url"])
-        assert artifact.status_code == 200 and artifact.content == done.content
+        # The first server's jobs outlived it (test_restart_* restarts over finished jobs).
         assert http.get(f"/v1/lowerings/{slow_id}").json()["error"]["code"] == "timeout"
+    second.stop()
 
 
 def test_failure_inside_torch_is_a_failed_job(

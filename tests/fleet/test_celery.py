@@ -146,48 +146,47 @@ def test_cancel_stops_the_compile_on_the_worker_host(shared: Fleet, programs: Pa
     assert host.proc.poll() is None
 
 
-def test_a_host_killed_mid_job_is_taken_over_by_another(
+def test_a_host_stopped_or_killed_mid_job_hands_the_job_to_another(
     fleet: Fleet, start_worker: Callable[..., WorkerHost], programs: Path,
 ) -> None:
+    """A host stopped with SIGTERM puts its job back at once (not an attempt); a host that
+    dies silently (SIGKILL) loses it to the lease reaper (an attempt). One fleet, hosts
+    rotating: host-a stops, host-b takes over and is killed, host-c takes over."""
     server, (host_a,) = fleet.server, fleet.hosts
+
+    def join(name: str) -> WorkerHost:
+        host = start_worker(name, data_dir=server.data_dir, lease_s=LEASE_S,
+                            database_url=fleet.database_url, broker_url=fleet.broker_url)
+        wait_live(server, name, host)
+        return host
+
     with server.client() as http:
-        job_id = submit(http, programs / "slow.pt2", model_name="slow_takeover").json()["id"]
-        running = wait_for(http, job_id, until={"running"}, phase="lower", timeout_s=300)
+        stopped_id = submit(http, programs / "slow.pt2", model_name="slow_stop").json()["id"]
+        running = wait_for(http, stopped_id, until={"running"}, phase="lower", timeout_s=300)
         assert running["worker"].startswith("host-a@")
         tree = _compiling_tree(running["worker_pid"])
-        host_b = start_worker("host-b", data_dir=server.data_dir, lease_s=LEASE_S,
-                              database_url=fleet.database_url, broker_url=fleet.broker_url)
-        wait_live(server, "host-b", host_b)
-        host_a.kill(signal.SIGKILL)  # the whole host, silently: no status is written
-        assert _all_gone(tree) == [], "the dead host's compile outlived it"
-        # The lease runs out (LEASE_S), the reaper dispatches it again, host-b runs it.
-        job = wait_for(http, job_id, until={"succeeded"}, timeout_s=600)
-    assert job["worker"].startswith("host-b@"), job
-    assert job["attempts"] == 2, job
-
-
-def test_a_host_stopped_mid_job_hands_the_job_back_at_once(
-    fleet: Fleet, start_worker: Callable[..., WorkerHost], programs: Path,
-) -> None:
-    server, (host_a,) = fleet.server, fleet.hosts
-    with server.client() as http:
-        job_id = submit(http, programs / "slow.pt2", model_name="slow_stop").json()["id"]
-        running = wait_for(http, job_id, until={"running"}, phase="lower", timeout_s=300)
-        tree = _compiling_tree(running["worker_pid"])
-        host_b = start_worker("host-b", data_dir=server.data_dir, lease_s=LEASE_S,
-                              database_url=fleet.database_url, broker_url=fleet.broker_url)
-        wait_live(server, "host-b", host_b)
+        host_b = join("host-b")
         host_a.kill(signal.SIGTERM)  # a host shut down (systemd: the whole cgroup)
         assert _all_gone(tree) == [], "the stopped host's compile outlived it"
         assert host_a.proc.wait(timeout=60) is not None
         # Put back in the queue, not counted, and taken by host-b at once: no lease to
-        # wait out (60 s), unlike a host that died silently.
-        wait_until(lambda: (http.get(f"/v1/lowerings/{job_id}").json()["worker"] or ""
+        # wait out, unlike a host that died silently.
+        wait_until(lambda: (http.get(f"/v1/lowerings/{stopped_id}").json()["worker"] or ""
                             ).startswith("host-b@"),
                    timeout_s=30, what="the job taken by host-b", host=host_b)
-        job = wait_for(http, job_id, until={"succeeded"}, timeout_s=300)
-    assert job["worker"].startswith("host-b@"), job
-    assert job["attempts"] == 1, job
+        stopped = wait_for(http, stopped_id, until={"succeeded"}, timeout_s=300)
+        assert stopped["worker"].startswith("host-b@") and stopped["attempts"] == 1, stopped
+
+        killed_id = submit(http, programs / "slow.pt2", model_name="slow_kill").json()["id"]
+        running = wait_for(http, killed_id, until={"running"}, phase="lower", timeout_s=300)
+        assert running["worker"].startswith("host-b@")
+        tree = _compiling_tree(running["worker_pid"])
+        join("host-c")
+        host_b.kill(signal.SIGKILL)  # the whole host, silently: no status is written
+        assert _all_gone(tree) == [], "the dead host's compile outlived it"
+        # The lease runs out (LEASE_S), the reaper dispatches it again, host-c runs it.
+        killed = wait_for(http, killed_id, until={"succeeded"}, timeout_s=600)
+    assert killed["worker"].startswith("host-c@") and killed["attempts"] == 2, killed
 
 
 def test_a_dropped_broker_connection_loses_no_job(shared: Fleet, programs: Path) -> None:
