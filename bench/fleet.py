@@ -115,22 +115,24 @@ def fleet(local: Server, programs: list[Path], hit_program: Path, tmp: Path,
     rows: list[Row] = []
     for hosts in (1, 2):
         config = _config(tmp, hosts, inductor_dir)
-        with Fleet(config) as running:
-            print(f"  fleet with {hosts} worker host(s) ready in {running.ready_s:.0f} s",
-                  flush=True)
-            time.sleep(5)  # each host's sandbox warms up after it joins, as on a live fleet
-            walls[hosts], ran_on, load = _at_once(running.config.api_urls, programs)
-            print(f"  {len(programs)} at once on {hosts} host(s): {walls[hosts]:.1f} s (ran on "
-                  f"{', '.join(f'{h} {ran_on.count(h)}' for h in sorted(set(ran_on)))}; "
-                  f"{load})", flush=True)
-            if hosts == 2:
-                ratio = walls[2] / walls[1]
-                rows.append(Row(f"fleet: {len(programs)} distinct on 2 hosts / on 1 host "
-                                "(wall)", f"{ratio:.2f} ({walls[2]:.0f} s / {walls[1]:.0f} s)",
-                                "<= 0.6", _verdict(ratio <= 0.6)))
-                rows.append(_hit_row(running.config.api_urls[0], local.url, hit_program))
-        delete_vhost(config.vhost)
-        drop_database(config.pg_admin_url, config.database)
+        try:
+            with Fleet(config) as running:
+                print(f"  fleet with {hosts} worker host(s) ready in {running.ready_s:.0f} s",
+                      flush=True)
+                time.sleep(5)  # each host's sandbox warms up after it joins, as on a live fleet
+                walls[hosts], ran_on, load = _at_once(running.config.api_urls, programs)
+                print(f"  {len(programs)} at once on {hosts} host(s): {walls[hosts]:.1f} s (ran on "
+                      f"{', '.join(f'{h} {ran_on.count(h)}' for h in sorted(set(ran_on)))}; "
+                      f"{load})", flush=True)
+                if hosts == 2:
+                    ratio = walls[2] / walls[1]
+                    rows.append(Row(f"fleet: {len(programs)} distinct on 2 hosts / on 1 host "
+                                    "(wall)", f"{ratio:.2f} ({walls[2]:.0f} s / {walls[1]:.0f} s)",
+                                    "<= 0.6", _verdict(ratio <= 0.6)))
+                    rows.append(_hit_row(running.config.api_urls[0], local.url, hit_program))
+        finally:  # the vhost and database, also when a figure failed
+            delete_vhost(config.vhost)
+            drop_database(config.pg_admin_url, config.database)
     return rows
 
 
