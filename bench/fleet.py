@@ -26,7 +26,12 @@ from figures import Row, _busy_s, _job_cores, _verdict
 from harness import JOB_TIMEOUT_S, ROOT, SUBMIT_RETRIES, Server, _why, free_port
 
 sys.path.insert(0, str(ROOT))
-from app.devfleet import Fleet, FleetConfig, delete_vhost, drop_database  # noqa: E402  (the repository root, as a script)
+from app.devfleet import (  # noqa: E402  (the repository root, as a script)
+    Fleet,
+    FleetConfig,
+    delete_vhost,
+    drop_database,
+)
 
 PARALLEL = 8
 HITS = 15
