@@ -184,7 +184,8 @@ def test_the_openapi_document_describes_the_form_and_errors(api: Api) -> None:
     spec = api.client.get("/openapi.json").json()
     post = spec["paths"]["/v1/lowerings"]["post"]
     form = post["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert {"program", "model_name"} <= set(form["required"])
+    assert form["required"] == ["model_name"]  # and the program file or a ready upload
+    assert {"program", "upload"} <= set(form["properties"])
     assert form["properties"]["backend_id"]["default"] == "aoti"
     assert "422" in post["responses"] and "429" in post["responses"]
 
