@@ -374,15 +374,19 @@ def _run(task: Task, job_id: str) -> str:
         soft, _ = time_limits(state.settings)
         log.error("job %s: the task's soft time limit (%g s) passed", job_id, soft)
         with contextlib.suppress(Exception):
-            ctx.lifecycle.fail(job_id, failures.timed_out(
-                limit_s=soft, setting="LOWERING_JOB_TIMEOUT_S", phase=None))
+            if (attempt := _own_attempt(ctx, job_id, child)) is not None:
+                ctx.lifecycle.fail(job_id, failures.timed_out(
+                    limit_s=soft, setting="LOWERING_JOB_TIMEOUT_S", phase=None),
+                    attempt=attempt)
     except Exception as exc:  # one job never takes the process down
         log.exception("supervising job %s failed", job_id)
         child.finish()
         code = failures.error_for(exc).code
         with contextlib.suppress(Exception):
-            ctx.lifecycle.fail(job_id, JobError(
-                code, f"the job's supervisor failed ({type(exc).__name__})"))
+            if (attempt := _own_attempt(ctx, job_id, child)) is not None:
+                ctx.lifecycle.fail(job_id, JobError(
+                    code, f"the job's supervisor failed ({type(exc).__name__})"),
+                    attempt=attempt)
     finally:
         state.running = None
     if ran == "not_claimed":
@@ -401,13 +405,28 @@ def _after_sigterm(job_id: str, ran: str, running: _Running, ctx: worker.JobCont
     if ran == "stopped":
         soft, _ = time_limits(ctx.settings)
         with contextlib.suppress(Exception):
-            if time.monotonic() - running.started >= soft:
+            attempt = _own_attempt(ctx, job_id, running.child)
+            if attempt is None:
+                pass  # ended, or taken over by another host after its lease ran out
+            elif time.monotonic() - running.started >= soft:
                 ctx.lifecycle.fail(job_id, failures.timed_out(
-                    limit_s=soft, setting="LOWERING_JOB_TIMEOUT_S", phase=None))
-            elif ctx.lifecycle.requeue(job_id):
+                    limit_s=soft, setting="LOWERING_JOB_TIMEOUT_S", phase=None),
+                    attempt=attempt)
+            elif ctx.lifecycle.requeue(job_id, attempt=attempt):
                 _redispatch(job_id)
     _process_exit()
     os._exit(0)
+
+
+def _own_attempt(ctx: worker.JobContext, job_id: str, child: SandboxedChild) -> int | None:
+    """The attempt of the job's run while this process's sandbox still holds it: every
+    status this process writes after a failure is fenced by it. None when the job ended or
+    another worker took it over (its lease ran out while this one was stuck)."""
+    job = ctx.lifecycle.store.get(job_id)
+    if (job is None or job["status"] != "running" or job["worker"] != ctx.worker
+            or job["worker_pid"] != child.pid):
+        return None
+    return int(job["attempts"])
 
 
 _APP: Any = None

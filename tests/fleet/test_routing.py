@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from app.constants import JobStatus
 from app.executors.celery_app import (
     cuda_queue,
     make_celery,
@@ -136,3 +137,29 @@ def test_fleet_modules_never_import_torch() -> None:
             "create_app(Settings(executor='celery')); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_a_stuck_process_writes_nothing_over_the_run_that_took_its_job_over(
+        tmp_path: Path) -> None:
+    """After a failure or a SIGTERM a worker process writes the job's status only while
+    its own sandbox still holds the run (the attempt fences the write)."""
+    from app.executors.celery_worker import _own_attempt
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    migrate.upgrade(url)
+    store = JobStore(url)
+    try:
+        store.create(**{**PARAMS, "id": "j1", "input_sha256": "a" * 64,  # type: ignore[typeddict-item]
+                        "input_size_bytes": 1})
+        ctx: Any = SimpleNamespace(lifecycle=SimpleNamespace(store=store), worker="host-a@x")
+        child: Any = SimpleNamespace(pid=123)
+        assert _own_attempt(ctx, "j1", child) is None  # queued: nobody's run
+        store.transition("j1", from_=[JobStatus.QUEUED], to=JobStatus.RUNNING, attempts=1,
+                         worker="host-a@x", worker_pid=123)
+        assert _own_attempt(ctx, "j1", child) == 1
+        # Its lease ran out: host-b runs it now, attempt 2.
+        store.transition("j1", from_=[JobStatus.RUNNING], to=JobStatus.RUNNING, attempts=2,
+                         worker="host-b@y", worker_pid=456)
+        assert _own_attempt(ctx, "j1", child) is None
+    finally:
+        store.close()
