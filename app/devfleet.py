@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -71,6 +72,45 @@ def ensure_rabbitmq() -> None:
         _run("rabbitmq-server", "-detached")
     if _run("rabbitmqctl", "-q", "await_startup", timeout_s=120).returncode != 0:
         raise FleetError("RabbitMQ is down and did not start (service rabbitmq-server start)")
+
+
+def consumer_timeout_s() -> float | None:
+    """The broker's consumer (ack) timeout in seconds; None when unset or unknown."""
+    out = _run("rabbitmqctl", "-q", "eval", "application:get_env(rabbit, consumer_timeout).")
+    found = re.search(r"\{ok,\s*([0-9]+)\}", out.stdout)
+    return int(found.group(1)) / 1000 if found else None
+
+
+def fit_job_timeout(env: dict[str, str], broker_timeout_s: float | None) -> str | None:
+    """RabbitMQ closes the channel of a worker holding a message past its consumer timeout
+    (the job runs again, forever): the job's hard time limit must stay under it. A job
+    timeout the caller did not set is lowered to fit; one they set is only warned about.
+    Returns what to tell the user, None when it fits."""
+    if broker_timeout_s is None:
+        return None
+    from app.executors.celery_app import time_limits  # celery: no torch
+    from app.settings import Settings
+
+    try:
+        settings = (Settings(job_timeout_s=float(env["LOWERING_JOB_TIMEOUT_S"]))
+                    if "LOWERING_JOB_TIMEOUT_S" in env else Settings())
+    except ValueError as exc:
+        raise FleetError(f"LOWERING_JOB_TIMEOUT_S: {exc}") from None
+    _, hard = time_limits(settings)
+    if hard < broker_timeout_s:
+        return None
+    raise_it = ("rabbitmqctl eval 'application:set_env(rabbit, consumer_timeout, "
+                f"{int((hard + 600) * 1000)}).'")
+    if "LOWERING_JOB_TIMEOUT_S" in env:
+        return (f"warning: LOWERING_JOB_TIMEOUT_S={settings.job_timeout_s:g} gives a hard time "
+                f"limit of {hard:g} s, over RabbitMQ's consumer_timeout "
+                f"({broker_timeout_s:g} s): a job that long is delivered again forever. "
+                f"Raise the broker's: {raise_it}")
+    fitted = int(broker_timeout_s - (hard - settings.job_timeout_s) - 60)
+    env["LOWERING_JOB_TIMEOUT_S"] = str(fitted)
+    return (f"note: LOWERING_JOB_TIMEOUT_S={fitted} for this fleet (the default's hard time "
+            f"limit, {hard:g} s, is over RabbitMQ's consumer_timeout, {broker_timeout_s:g} s); "
+            f"for the default, raise the broker's: {raise_it}")
 
 
 def ensure_vhost(vhost: str, *, fresh: bool) -> None:
@@ -217,6 +257,7 @@ class Fleet:
         self.logs_dir = self.run_dir / "logs"
         self.children: list[Child] = []
         self.ready_s: float | None = None
+        self.timeout_note: str | None = None
         self._stopping = threading.Event()
 
     # -- start -----------------------------------------------------------------------------
@@ -255,6 +296,10 @@ class Fleet:
 
     def _services(self) -> None:
         ensure_rabbitmq()
+        chosen = {k: v for k, v in {**os.environ, **self.config.env}.items()
+                  if k == "LOWERING_JOB_TIMEOUT_S"}
+        self.timeout_note = fit_job_timeout(chosen, consumer_timeout_s())
+        self.config.env.update(chosen)
         ensure_vhost(self.config.vhost, fresh=True)
         ensure_database(self.config.pg_admin_url, self.config.database, fresh=True)
 
@@ -431,6 +476,7 @@ class Fleet:
             f"  curl -sL -o model.aoti.pt2 {cfg.api_urls[0]}/v1/lowerings/<id>/artifact   "
             "# 307 to S3",
             "Ctrl-C (or SIGTERM) stops everything.",
+            *([self.timeout_note] if self.timeout_note else []),
         ])
 
 

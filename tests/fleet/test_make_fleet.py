@@ -157,3 +157,19 @@ def test_a_launcher_killed_outright_takes_its_children_along(
     launcher.proc.kill()  # no handler runs: each child's parent-death signal stops it
     launcher.proc.wait(timeout=10)
     assert _all_gone(processes, timeout_s=60) == []
+
+
+def test_the_job_timeout_fits_under_the_brokers_consumer_timeout() -> None:
+    """A hard time limit over RabbitMQ's consumer timeout redelivers a long job forever:
+    the default is lowered to fit, a job timeout the caller chose is warned about."""
+    from app.devfleet import fit_job_timeout
+
+    assert fit_job_timeout({}, None) is None and fit_job_timeout({}, 7200.0) is None
+    env: dict[str, str] = {}
+    note = fit_job_timeout(env, 1800.0)  # RabbitMQ's default, 30 min
+    assert note is not None and "consumer_timeout" in note
+    assert float(env["LOWERING_JOB_TIMEOUT_S"]) + 480 < 1800
+    chosen = {"LOWERING_JOB_TIMEOUT_S": "3600"}
+    warned = fit_job_timeout(chosen, 1800.0)
+    assert warned is not None and warned.startswith("warning") and "set_env" in warned
+    assert chosen == {"LOWERING_JOB_TIMEOUT_S": "3600"}
