@@ -66,6 +66,7 @@ class ApiErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found", "no lowering has this id, or no route has this path"
     UNKNOWN_UPLOAD = "unknown_upload", (
         "no resumable upload has this id or sha256 (never created, expired or removed)")
+    UNKNOWN_WEBHOOK = "unknown_webhook", "no webhook endpoint has this id (never made, or deleted)"
     METHOD_NOT_ALLOWED = "method_not_allowed", (
         "the path exists but not for this method; the Allow header lists those that do")
     UPLOAD_STALLED = "upload_stalled", (
@@ -121,6 +122,19 @@ class ApiErrorCode(enum.StrEnum):
     CHECKSUM_MISMATCH = "checksum_mismatch", (
         "the assembled upload's sha256 or size is not the one declared at create; nothing "
         "was kept: start a new upload")
+    INVALID_WEBHOOK_URL = "invalid_webhook_url", (
+        "a webhook url or callback_url is not an absolute http(s) URL with a host, without "
+        "credentials, of at most 2048 characters")
+    WEBHOOK_TARGET_REFUSED = "webhook_target_refused", (
+        "a webhook url or callback_url does not resolve, or resolves to a private, loopback, "
+        "link-local, multicast, reserved or unspecified address (allowed only with "
+        "LOWERING_WEBHOOK_ALLOW_PRIVATE=true)")
+    UNKNOWN_EVENT = "unknown_event", (
+        "events is empty or names an event other than lowering.succeeded, lowering.failed "
+        "and lowering.cancelled")
+    CALLBACKS_DISABLED = "callbacks_disabled", (
+        "a submit names a callback_url, but the service has no LOWERING_WEBHOOK_CALLBACK_SECRET "
+        "to sign callbacks with; register a webhook (POST /v1/webhooks) instead")
     # 422: the upload gate
     UNSAFE_MEMBER_NAME = "unsafe_member_name", (
         "an archive member's name is absolute, climbs with .., has a backslash, colon or "
@@ -215,7 +229,8 @@ class BadRequest(ServiceError):
 class NotFound(ServiceError):
     status = 404
     code = ApiErrorCode.NOT_FOUND
-    codes = frozenset({ApiErrorCode.NOT_FOUND, ApiErrorCode.UNKNOWN_UPLOAD})
+    codes = frozenset({ApiErrorCode.NOT_FOUND, ApiErrorCode.UNKNOWN_UPLOAD,
+                       ApiErrorCode.UNKNOWN_WEBHOOK})
 
 
 class MethodNotAllowed(ServiceError):
@@ -263,7 +278,9 @@ class Unprocessable(ServiceError):
         ApiErrorCode.UNSAFE_MEMBER_NAME, ApiErrorCode.UNSUPPORTED_LAYOUT,
         ApiErrorCode.MISSING_EXAMPLE_INPUTS, ApiErrorCode.UNSAFE_PICKLE, ApiErrorCode.UNSAFE_GRAPH,
         ApiErrorCode.UPLOAD_TOO_COMPLEX, ApiErrorCode.JOB_FAILED, ApiErrorCode.INVALID_PART,
-        ApiErrorCode.CHECKSUM_MISMATCH,
+        ApiErrorCode.CHECKSUM_MISMATCH, ApiErrorCode.INVALID_WEBHOOK_URL,
+        ApiErrorCode.WEBHOOK_TARGET_REFUSED, ApiErrorCode.UNKNOWN_EVENT,
+        ApiErrorCode.CALLBACKS_DISABLED,
     })
 
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.deps import Services
 from app.api.handlers import register_exception_handlers
-from app.api.routes import health, lowerings, uploads
+from app.api.routes import health, lowerings, uploads, webhooks
 from app.errors import ObjectStoreUnavailable
 from app.executors.base import Executor
 from app.executors.local import LocalExecutor
@@ -79,10 +79,17 @@ def create_app(settings: Settings | None = None, *,
                                       uploads=uploads, logs=logs, artifacts=artifacts,
                                       executor=executor)
         lifecycle.recover(requeue_running=executor.runs_jobs_here)
+        # Every replica sends due webhook deliveries; a job ending here wakes it at once.
+        from app.webhooks.dispatcher import Dispatcher
+
+        dispatcher = Dispatcher(store.engine, settings=settings)
+        lifecycle.listeners.append(dispatcher)
+        dispatcher.start()
         try:
             yield
         finally:
             executor.close()
+            dispatcher.stop()
             store.close()
 
     app = FastAPI(
@@ -97,6 +104,7 @@ def create_app(settings: Settings | None = None, *,
     app.include_router(health.router)
     app.include_router(lowerings.router)
     app.include_router(uploads.router)
+    app.include_router(webhooks.router)
     return app
 
 

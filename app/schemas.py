@@ -201,7 +201,7 @@ class ErrorBody(BaseModel):
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True,
           "false": False, "0": False, "no": False, "off": False}
 # A blank optional field means its default (an HTML form sends every input, empty or not).
-_BLANK_IS_DEFAULT = ("options", "verify", "rtol", "atol")
+_BLANK_IS_DEFAULT = ("options", "verify", "rtol", "atol", "callback_url")
 
 
 def _form_bool(value: Any) -> Any:
@@ -223,6 +223,21 @@ def _form_options(value: Any) -> Any:
         raise PydanticCustomError(exc.code.value, "{message}", {"message": exc.message}) from None
     except (TypeError, ValueError):
         raise PydanticCustomError("invalid_parameter", "options must be a JSON object") from None
+
+
+def _form_callback(value: Any) -> Any:
+    """An http(s) URL without credentials (app.webhooks.targets); where it points is
+    checked at submit, where the settings say whether private targets are allowed."""
+    from app.webhooks.targets import TargetRefused, check_url
+
+    if isinstance(value, str):
+        value = value.strip()
+        try:
+            check_url(value)
+        except TargetRefused as exc:
+            raise PydanticCustomError(exc.code.value, "callback_url: {message}",
+                                      {"message": exc.message}) from None
+    return value
 
 
 class LoweringCreate(BaseModel):
@@ -257,6 +272,10 @@ class LoweringCreate(BaseModel):
     atol: float | None = Field(None, ge=0, allow_inf_nan=False, description=(
         "absolute tolerance of verification; default: /v1/info verification.default_atol"))
 
+    callback_url: Annotated[str | None, BeforeValidator(_form_callback)] = Field(
+        None, max_length=2048, description="an http(s) URL told of the job's final status "
+        "like a webhook (the same signed body; see /v1/webhooks); optional")
+
     @model_validator(mode="before")
     @classmethod
     def _blank_is_default(cls, data: Any) -> Any:
@@ -266,8 +285,8 @@ class LoweringCreate(BaseModel):
             key in _BLANK_IS_DEFAULT and isinstance(value, str) and not value.strip())}
 
     def as_fields(self) -> dict[str, Any]:
-        """The job record's fields this form sets."""
-        return self.model_dump()
+        """The job record's fields this form sets (callback_url only when given)."""
+        return self.model_dump(exclude={"callback_url"} if self.callback_url is None else None)
 
 
 # -- resumable uploads (/v1/uploads) ----------------------------------------------------
@@ -319,3 +338,65 @@ class UploadPublic(BaseModel):
     created_at: dt.datetime
     completed_at: dt.datetime | None = None
     expires_at: dt.datetime = Field(description="removed after this unless used again")
+
+
+# -- webhooks (/v1/webhooks) ------------------------------------------------------------
+
+
+class WebhookCreate(BaseModel):
+    """POST /v1/webhooks: where to send which events.
+
+    :param url: an http(s) URL; private and loopback targets are refused unless
+        LOWERING_WEBHOOK_ALLOW_PRIVATE=true.
+    :param events: any of lowering.succeeded, lowering.failed, lowering.cancelled.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(max_length=2048, description="where deliveries are POSTed")
+    events: list[str] = Field(min_length=1, max_length=8, description=(
+        "lowering.succeeded, lowering.failed and/or lowering.cancelled"))
+
+
+class WebhookPublic(BaseModel):
+    """A webhook endpoint; its secret is shown once, in the answer to its creation."""
+
+    id: str
+    url: str
+    events: list[str]
+    enabled: bool
+    disabled_reason: str | None = Field(None, description="why deliveries stopped (a 410, "
+                                        "or a delivery that failed through every retry)")
+    created_at: dt.datetime
+    disabled_at: dt.datetime | None = None
+
+
+class WebhookCreated(WebhookPublic):
+    secret: str = Field(description="whsec_...: verifies the webhook-signature of every "
+                        "delivery (Standard Webhooks); shown only here")
+
+
+class WebhooksPublic(BaseModel):
+    items: list[WebhookPublic]
+
+
+class DeliveryPublic(BaseModel):
+    """One event sent (or being sent) to an endpoint: the delivery log's row."""
+
+    id: str = Field(description="the webhook-id header; the same on every retry")
+    event: str
+    job_id: str
+    status: str = Field(description="pending, delivered or failed")
+    attempts: int
+    last_status_code: int | None = Field(None, description="the receiver's last HTTP status")
+    last_error: str | None = None
+    created_at: dt.datetime
+    next_attempt_at: dt.datetime | None = Field(None, description="when a pending one is due")
+    last_attempt_at: dt.datetime | None = None
+    delivered_at: dt.datetime | None = None
+
+
+class DeliveriesPublic(BaseModel):
+    """An endpoint's deliveries, newest first."""
+
+    items: list[DeliveryPublic]

@@ -142,6 +142,24 @@ class Settings(BaseSettings):
         "redirect", description="redirect: 307 to a presigned URL; stream: the API relays "
         "the object (clients that cannot reach the endpoint)")
 
+    webhook_allow_private: bool = Field(
+        False, description="webhooks and callback_urls may target private, loopback and "
+        "link-local addresses (a receiver on this host or network); off: refused at "
+        "registration, at submit and at every delivery")
+    webhook_callback_secret: str | None = Field(
+        None, pattern=r"^whsec_[A-Za-z0-9+/=]{16,200}$", description="the whsec_ secret that "
+        "signs deliveries to a submit's callback_url (share it with the receivers); unset: "
+        "a submit with a callback_url is refused")
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="connect and read timeout of one webhook delivery")
+    webhook_retry_scale: float = Field(
+        1.0, gt=0, le=1, description="multiplies the retry schedule (5 s, 5 min, 30 min, 2 h, "
+        "5 h, 10 h, 10 h); tests shorten it")
+    webhook_poll_s: float = Field(
+        1.0, gt=0, le=60, description="how often each replica looks for due deliveries")
+    webhook_concurrency: int = Field(
+        4, ge=1, le=64, description="deliveries one replica sends at once")
+
     @field_validator("preload_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="relative tolerance of verification (default: the server's)")
     submit.add_argument("--atol", type=float, default=FORM["atol"].default,
                         help="absolute tolerance of verification (default: the server's)")
+    submit.add_argument("--callback-url", default=FORM["callback_url"].default, metavar="URL",
+                        help="tell this URL the job's outcome (a signed webhook delivery)")
     submit.add_argument("--wait", action="store_true", help="wait until the job ends")
     submit.add_argument("-o", "--output", type=Path, metavar="OUT",
                         help="download the artifact here once it succeeds (implies --wait)")
@@ -171,7 +173,7 @@ def _submit(client: LoweringClient, args: argparse.Namespace, err: Console) -> i
         return EXIT_ERROR
     form = {"model_name": args.model_name, "backend_id": args.backend_id,
             "device": args.device, "options": dict(args.options), "verify": args.verify,
-            "rtol": args.rtol, "atol": args.atol}
+            "rtol": args.rtol, "atol": args.atol, "callback_url": args.callback_url}
     if args.upload is not None:
         job = client.submit_upload(args.upload, **form)
     else:

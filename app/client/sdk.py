@@ -49,7 +49,8 @@ def _etag_sha256(response: httpx.Response) -> str | None:
 
 
 def _form(*, model_name: str, backend_id: str, device: str, options: dict[str, Any] | None,
-          verify: bool, rtol: float | None, atol: float | None) -> dict[str, str]:
+          verify: bool, rtol: float | None, atol: float | None,
+          callback_url: str | None = None) -> dict[str, str]:
     fields = {
         "model_name": model_name,
         "backend_id": backend_id,
@@ -62,6 +63,8 @@ def _form(*, model_name: str, backend_id: str, device: str, options: dict[str, A
         fields["rtol"] = repr(float(rtol))
     if atol is not None:
         fields["atol"] = repr(float(atol))
+    if callback_url is not None:
+        fields["callback_url"] = callback_url
     return fields
 
 
@@ -131,6 +134,7 @@ class LoweringClient:
         verify: bool = FORM["verify"].default,
         rtol: float | None = FORM["rtol"].default,
         atol: float | None = FORM["atol"].default,
+        callback_url: str | None = FORM["callback_url"].default,
     ) -> Job:
         """Upload a ``.pt2`` program and return the queued job (HTTP 202).
 
@@ -139,7 +143,8 @@ class LoweringClient:
         ``resumable_threshold_bytes`` or more goes as a resumable upload (``upload``).
         """
         fields = _form(model_name=model_name, backend_id=backend_id, device=device,
-                       options=options, verify=verify, rtol=rtol, atol=atol)
+                       options=options, verify=verify, rtol=rtol, atol=atol,
+                       callback_url=callback_url)
         path = Path(path)
         threshold = self.resumable_threshold_bytes
         if threshold is not None and path.stat().st_size >= threshold:
@@ -164,11 +169,13 @@ class LoweringClient:
         verify: bool = FORM["verify"].default,
         rtol: float | None = FORM["rtol"].default,
         atol: float | None = FORM["atol"].default,
+        callback_url: str | None = FORM["callback_url"].default,
     ) -> Job:
         """Queue the lowering of a ready upload, named by its id or ``sha256:<hex>``."""
         return self._submit_form(_form(model_name=model_name, backend_id=backend_id,
                                        device=device, options=options, verify=verify,
-                                       rtol=rtol, atol=atol), upload)
+                                       rtol=rtol, atol=atol, callback_url=callback_url),
+                                  upload)
 
     def _submit_form(self, fields: dict[str, str], upload: str) -> Job:
         # A multipart body without a file, as the form is: (None, value) is a plain field.

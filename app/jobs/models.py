@@ -71,6 +71,8 @@ lowerings = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
+    # The submit's callback_url: told of the job's final status like a webhook (0006).
+    Column("callback_url", String(2048)),
     Index("ix_lowerings_status_seq", "status", "seq"),
     Index("ix_lowerings_model_seq", "model_name", "seq"),
     Index("ix_lowerings_cache_key", "cache_key", "status"),
@@ -105,4 +107,51 @@ uploads = Table(
     Index("ux_uploads_id", "id", unique=True),
     Index("ix_uploads_sha256", "sha256", "status"),
     Index("ix_uploads_status_expires", "status", "expires_at"),
+)
+
+# Webhook endpoints (POST /v1/webhooks): told of every final status of the events they
+# subscribe to. The secret signs deliveries (Standard Webhooks); an endpoint that answers
+# 410 or keeps failing past the retry schedule is disabled, with the reason kept.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(32), nullable=False),
+    Column("url", String(2048), nullable=False),
+    Column("events", JSON, nullable=False),
+    Column("secret", String(128), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("disabled_reason", String(512)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True)),
+    Index("ux_webhooks_id", "id", unique=True),
+)
+
+# The outbox and the delivery log in one: a row is written in the transaction that moves a
+# job to its final status (app.webhooks.outbox), one per subscribed endpoint and one for
+# the job's callback_url (webhook_id NULL), and is then updated by every delivery attempt.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    # The webhook-id header: the same on every retry, so receivers can drop duplicates.
+    Column("id", String(40), nullable=False),
+    Column("webhook_id", String(32)),
+    Column("url", String(2048), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("job_id", String(32), nullable=False),
+    Column("payload", JSON, nullable=False),
+    # pending -> delivered | failed (the schedule ran out, a 410, or the endpoint went)
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    # When it is due; while an attempt is in flight, when that attempt's claim runs out.
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_status_code", Integer),
+    Column("last_error", String(512)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_attempt_at", DateTime(timezone=True)),
+    Column("delivered_at", DateTime(timezone=True)),
+    Index("ux_webhook_deliveries_id", "id", unique=True),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_webhook", "webhook_id", "seq"),
 )

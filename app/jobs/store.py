@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypedDict, TypeVar, Unpack, cast
 
-from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, text, update
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
@@ -21,6 +21,7 @@ from app.constants import JobStatus
 from app.errors import ApiErrorCode, ServiceError, ServiceUnavailable, StorageFull
 from app.jobs.failures import out_of_space
 from app.jobs.models import lowerings
+from app.webhooks import outbox
 
 log = logging.getLogger("app.jobs")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -63,6 +64,7 @@ class JobFields(TypedDict, total=False):
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    callback_url: str | None
 
 
 class JobRecord(TypedDict):
@@ -101,6 +103,7 @@ class JobRecord(TypedDict):
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    callback_url: str | None
 
 
 Job = JobRecord
@@ -233,6 +236,8 @@ class JobStore:
         }
         with self.engine.begin() as conn:
             conn.execute(insert(lowerings).values(**row))
+            if JobStatus(row["status"]).is_final:  # a cache hit: its event commits with it
+                self._enqueue_events(conn, row["id"])
         job = self.get(row["id"])
         assert job is not None
         return job
@@ -291,7 +296,15 @@ class JobStore:
                          lease_expired_at).where(
             lowerings.c.status.in_([s.value for s in from_])).values(**values)
         with self.engine.begin() as conn:
-            return conn.execute(query).rowcount == 1
+            moved = conn.execute(query).rowcount == 1
+            if moved and to.is_final:  # the outbox: the event commits with the status
+                self._enqueue_events(conn, job_id)
+            return moved
+
+    def _enqueue_events(self, conn: Connection, job_id: str) -> None:
+        row = conn.execute(select(lowerings).where(lowerings.c.id == job_id)).first()
+        if row is not None:
+            outbox.enqueue(conn, _as_job(row._mapping), now=utcnow())
 
     @_as_service_errors
     def expired_leases(self, *, now: dt.datetime) -> list[JobRecord]:

@@ -52,6 +52,7 @@ from app.storage.reserve import release_reserve
 from app.storage.resumable import UploadRecords, take
 from app.storage.uploads import receive_form
 from app.validation.isolated import run_gate
+from app.webhooks.targets import check_callback
 
 router = APIRouter(prefix="/v1/lowerings", tags=["lowerings"])
 MULTIPART_OVERHEAD_BYTES = 1 << 20
@@ -144,6 +145,9 @@ async def create_lowering(
         cuda = executor.toolchain.get("cuda_devices", 0) if executor.toolchain else None
         params = parse_form(form.fields, settings=settings, cuda_devices=cuda,
                             check_device=executor.runs_jobs_here)
+        await to_thread.run_sync(lambda: check_callback(
+            params.callback_url, secret=settings.webhook_callback_secret,
+            allow_private=settings.webhook_allow_private))
         if upload_name is not None:
             if form.file_path is not None:
                 raise Unprocessable("send the program file or name an upload, not both")
