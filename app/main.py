@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.deps import Services
+from app.api.docs import mount_docs
 from app.api.handlers import register_exception_handlers
 from app.api.routes import health, lowerings, uploads, webhooks
 from app.errors import ObjectStoreUnavailable
@@ -97,6 +98,8 @@ def create_app(settings: Settings | None = None, *,
         version=__version__,
         summary="Upload a torch.export program; get a verified AOTInductor pt2 archive.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load from CDNs: mount_docs serves ours
+        redoc_url=None,
     )
     # Set when a stop begins: held ?wait= requests answer with the job at once.
     app.state.stopping = threading.Event()
@@ -104,6 +107,7 @@ def create_app(settings: Settings | None = None, *,
     app.include_router(health.router)
     app.include_router(lowerings.router)
     app.include_router(uploads.router)
+    mount_docs(app)  # /docs, /redoc and their assets, from the service (no CDN)
     app.include_router(webhooks.router)
     return app
 
