@@ -140,6 +140,13 @@ class Dispatcher:
         return hook.secret if hook is not None and hook.enabled else None
 
     def _send(self, row: dict[str, Any]) -> None:
+        try:
+            self._attempt(row)
+        except Exception as exc:  # never leave a claimed row to its lease, attempt after attempt
+            log.exception("webhook delivery %s failed unexpectedly", row["id"])
+            self._failed(row, code=None, error=f"internal error: {type(exc).__name__}")
+
+    def _attempt(self, row: dict[str, Any]) -> None:
         secret = self._secret(row)
         if secret is None:
             self._finish(row, status=DeliveryStatus.FAILED, code=None,

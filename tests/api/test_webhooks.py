@@ -152,6 +152,11 @@ def test_private_and_malformed_targets_are_refused_at_registration(
     ({"url": "https://93.184.215.14/", "events": ["lowering.failed"], "x": 1}, 422,
      "invalid_parameter"),
     ("[not json", 400, "bad_request"),
+    ("[" * 10_000 + "]" * 10_000, 400, "bad_request"),
+    ('{"url": "' + "a" * 20_000 + '"}', 400, "bad_request"),
+    ('["a list"]', 422, "invalid_parameter"),
+    ('{"url": 7, "events": ["lowering.failed"]}', 422, "invalid_webhook_url"),
+    ('{"url": "https://93.184.215.14/", "events": [7]}', 422, "unknown_event"),
 ])
 def test_bad_registrations_say_what_to_fix(api: Api, body: Any, status: int, code: str) -> None:
     kwargs: dict[str, Any] = {"content": body} if isinstance(body, str) else {"json": body}
