@@ -26,9 +26,10 @@ from rich.text import Text
 
 from app.client.exceptions import ChecksumMismatch, LoweringAPIError
 from app.client.sdk import FORM, RESUMABLE_THRESHOLD_BYTES, Job, LoweringClient
-from app.constants import JobStatus
+from app.constants import FINAL_STATUSES, JobStatus
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_ERROR, EXIT_UNREACHABLE = 0, 1, 2, 3
+FINAL = frozenset(status.value for status in FINAL_STATUSES)
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="give up waiting after S seconds (exit 1)")
     waiting.add_argument("--poll", type=float, default=0.5, metavar="S",
                          help="seconds between status polls (default %(default)s)")
+    waiting.add_argument("--no-events", dest="events", action="store_false",
+                         help="poll the job instead of following its progress events")
 
     submit = commands.add_parser("submit", parents=[waiting], help="upload a .pt2 program")
     submit.add_argument("file", type=Path, metavar="FILE", nargs="?",
@@ -107,9 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe(job: Job) -> str:
+    """Where a job is, in words: "queued, 3 ahead", "running: lower", "succeeded".
+    Events carry ``queue_position`` (and ``leader`` for a coalesced job); a polled job
+    has neither."""
+    status = str(job.get("status") or "waiting")
+    phase = job.get("phase")
+    if status == JobStatus.RUNNING.value:
+        return f"running: {phase or 'starting'}"
+    if status != JobStatus.QUEUED.value:
+        return status
+    text = "queued"
+    position = job.get("queue_position")
+    if isinstance(position, int):
+        text += ", next" if position == 0 else f", {position} ahead"
+    if phase == "waiting_for_host":
+        text += ", waiting for a worker host that serves its target"
+    leader = job.get("leader")
+    if isinstance(leader, dict):
+        text += f", coalesced with {leader.get('id')}"
+        if leader.get("status") == JobStatus.RUNNING.value:
+            text += f" (running: {leader.get('phase') or 'starting'})"
+    elif job.get("coalesced_with"):
+        text += f", coalesced with {job['coalesced_with']}"
+    return text
+
+
 class _Progress:
     """The live status line. Rich re-renders it on its own clock, so elapsed time
-    keeps ticking between polls."""
+    keeps ticking between updates."""
 
     def __init__(self, job_id: str) -> None:
         self.job: Job = {"id": job_id}
@@ -122,8 +151,7 @@ class _Progress:
     def __rich__(self) -> Spinner:
         self.spinner.text = Text.assemble(
             (f"{self.job['id']}  ", "dim"),
-            (str(self.job.get("status", "waiting")), "bold"),
-            f"  phase {self.job.get('phase') or '-'}",
+            (describe(self.job), "bold"),
             f"  {time.monotonic() - self.started:5.1f}s",
         )
         return self.spinner
@@ -140,9 +168,19 @@ def _print_job(job: Job) -> None:
 
 def _wait(client: LoweringClient, job_id: str, args: argparse.Namespace, err: Console) -> Job:
     progress = _Progress(job_id)
+    said: list[str] = []
+
+    def update(job: Job) -> None:
+        # A line per change of state, above the live line (and all there is when piped).
+        state = describe(job)
+        if job.get("status") not in FINAL and state not in said[-1:]:
+            said.append(state)
+            _say(err, f"{job_id}  {state}  {time.monotonic() - progress.started:.1f}s", "dim")
+        progress.update(job)
+
     with Live(progress, console=err, refresh_per_second=8, transient=True):
         job = client.wait(job_id, timeout_s=args.timeout, poll_s=args.poll,
-                          on_update=progress.update)
+                          on_update=update, events=args.events)
     _say(err, f"job {job_id} {job['status']} after {time.monotonic() - progress.started:.1f}s")
     return job
 

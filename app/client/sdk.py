@@ -14,7 +14,9 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -35,6 +37,10 @@ RESUMABLE_THRESHOLD_BYTES = 256 * 1024**2
 """Programs at least this large are sent as resumable uploads (in parts) by ``submit``."""
 PART_ATTEMPTS = 4  # tries of one part before it is left for the next round
 UPLOAD_ROUNDS = 4  # rounds of (send what is missing, complete)
+EVENTS_READ_TIMEOUT_S = 45.0
+"""The least read timeout of an events stream: the service sends a heartbeat every 15 s."""
+MAX_EVENTS_WAIT_S = 86_400.0  # the largest ?wait= the events route takes
+_NOT_EVENT_STREAM = "not_an_event_stream"
 
 
 def _job_path(job_id: str, suffix: str = "") -> str:
@@ -66,6 +72,48 @@ def _form(*, model_name: str, backend_id: str, device: str, options: dict[str, A
     if callback_url is not None:
         fields["callback_url"] = callback_url
     return fields
+
+
+@dataclass(frozen=True)
+class ServerSentEvent:
+    """One dispatched Server-Sent Event: its type (``message`` unless named), its data
+    (the data lines joined by newlines), the last event id seen so far in the stream, and
+    the reconnect delay the server asked for (ms), if any."""
+
+    event: str
+    data: str
+    id: str | None = None
+    retry: int | None = None
+
+
+def iter_sse(lines: Iterable[str]) -> Iterator[ServerSentEvent]:
+    """Parse a text/event-stream, already split into lines, as the HTML standard says:
+    comments (``:`` lines, the heartbeats) are skipped, a blank line dispatches the event
+    (none when it has no data), and an event the stream cut off before its blank line is
+    dropped."""
+    event, data = "", list[str]()
+    last_id: str | None = None
+    retry: int | None = None
+    for number, line in enumerate(lines):
+        if number == 0:
+            line = line.removeprefix("\ufeff")
+        if not line:
+            if data:
+                yield ServerSentEvent(event or "message", "\n".join(data), last_id, retry)
+            event, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id" and "\0" not in value:
+            last_id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            retry = int(value)
 
 
 def _size_and_sha256(path: Path) -> tuple[int, str]:
@@ -296,6 +344,78 @@ class LoweringClient:
             if not cursor:
                 return
 
+    def events(self, job_id: str, *, wait_s: float | None = None,
+               last_event_id: str | None = None) -> Iterator[Job]:
+        """Yield the job from ``GET /v1/lowerings/{id}/events``: as it is on connect, then
+        each time its status, phase or queue position changes. Each is the job as ``get``
+        returns it plus ``queue_position`` (queued jobs ahead of it; None unless queued)
+        and, for a coalesced job, ``leader`` ({id, status, phase} of the job it waits on).
+
+        Ends after a final status, or when the service closes the stream first (after
+        ``wait_s`` or its LOWERING_MAX_WAIT_S, or as it stops): call again to go on.
+        Raises LoweringAPIError on an error answer (404 also when the service has no
+        events route) or an answer that is not an event stream, httpx.TransportError
+        when the connection breaks.
+        """
+        for event in self._event_stream(job_id, wait_s=wait_s, last_event_id=last_event_id):
+            yield json.loads(event.data)
+
+    def _event_stream(self, job_id: str, *, wait_s: float | None,
+                      last_event_id: str | None) -> Generator[ServerSentEvent, None, None]:
+        params = {} if wait_s is None else {"wait": repr(min(max(0.0, wait_s),
+                                                             MAX_EVENTS_WAIT_S))}
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        timeout = self._http.timeout
+        read = None if timeout.read is None else max(timeout.read, EVENTS_READ_TIMEOUT_S)
+        with self._http.stream(
+            "GET", _job_path(job_id, "/events"), params=params, headers=headers,
+            timeout=httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write,
+                                  pool=timeout.pool),
+        ) as response:
+            check(response)
+            media_type = response.headers.get("content-type", "").partition(";")[0].strip()
+            if media_type.lower() != "text/event-stream":
+                raise LoweringAPIError(response.status_code, _NOT_EVENT_STREAM,
+                                       f"the events route answered {media_type or 'nothing'}, "
+                                       "not text/event-stream")
+            for event in iter_sse(response.iter_lines()):
+                if event.event == "lowering":
+                    yield event
+
+    def _follow(self, job_id: str, deadline: float | None, poll_s: float,
+                on_update: Callable[[Job], None] | None) -> Job | None:
+        """The job once final, followed through its events stream (reconnecting when the
+        service closes it early); None to fall back to polling: the service has no events
+        (an older release, a proxy in the way), the stream broke, or time ran out."""
+        last_id: str | None = None
+        while True:
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return None
+            with closing(self._event_stream(job_id, wait_s=None if deadline is None else left,
+                                            last_event_id=last_id)) as stream:
+                while True:
+                    try:
+                        event = next(stream, None)
+                        job = None if event is None else json.loads(event.data)
+                    except (LoweringAPIError, httpx.TransportError, httpx.StreamError,
+                            ValueError):
+                        # Polling answers what is really wrong (an unknown job's 404 too).
+                        return None
+                    if event is None:
+                        break  # closed before the job ended: reconnect
+                    if not isinstance(job, dict):
+                        return None
+                    last_id = event.id
+                    if on_update is not None:
+                        on_update(job)
+                    if job.get("status") in _FINAL:
+                        return job
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            time.sleep(max(0.0, min(poll_s, left)))  # closed early: reconnect
+
     def wait(
         self,
         job_id: str,
@@ -303,13 +423,21 @@ class LoweringClient:
         timeout_s: float | None = None,
         poll_s: float = 0.5,
         on_update: Callable[[Job], None] | None = None,
+        events: bool = True,
     ) -> Job:
-        """Poll until the job is succeeded, failed or cancelled; return it.
+        """Wait until the job is succeeded, failed or cancelled; return it.
 
-        ``on_update(job)`` is called after every poll. Raises TimeoutError once
+        Follows the job's progress events (``events``), and polls every ``poll_s`` instead
+        when the service has no events route (404/405), the stream breaks, or
+        ``events=False``. ``on_update(job)`` is called at each event (the job with
+        ``queue_position``; see ``events``) or after every poll. Raises TimeoutError once
         ``timeout_s`` has passed with the job still queued or running.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if events:
+            followed = self._follow(job_id, deadline, poll_s, on_update)
+            if followed is not None:
+                return followed
         while True:
             job = self.get(job_id)
             if on_update is not None:

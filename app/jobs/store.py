@@ -344,6 +344,14 @@ class JobStore:
         return self._count((lowerings.c.status == JobStatus.QUEUED.value)
                            & lowerings.c.parent_id.is_(None))
 
+    @_as_service_errors
+    def count_waiting_before(self, *, seq: int) -> int:
+        """Queued jobs that need a worker admitted before ``seq``: the queue position of
+        the job with that seq (0: next). A range scan of ix_lowerings_status_seq, so it
+        stays cheap for the events stream that asks every half second."""
+        return self._count((lowerings.c.status == JobStatus.QUEUED.value)
+                           & (lowerings.c.seq < seq) & lowerings.c.parent_id.is_(None))
+
     def _count(self, where: Any) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).where(where)).scalar_one())

@@ -23,7 +23,8 @@ import pytest
 
 from app.api.submit import parse_form
 from app.client import ChecksumMismatch, LoweringAPIError, LoweringClient
-from app.client.cli import build_parser, main
+from app.client.cli import build_parser, describe, main
+from app.client.sdk import ServerSentEvent, iter_sse
 from app.errors import ServiceError
 from app.schemas import LoweringCreate
 from app.settings import Settings
@@ -424,3 +425,200 @@ def test_client_imports_neither_torch_nor_fastapi() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+# --- progress events (GET /v1/lowerings/{id}/events) ------------------------------------
+
+def _sse(job: dict[str, Any], event_id: str) -> str:
+    return f"event: lowering\nid: {event_id}\ndata: {json.dumps(job)}\n\n"
+
+
+class EventsService(FakeLoweringService):
+    """The fake with an events route: each connection plays the next script, a list of
+    job updates (applied to the job and sent as events), ": heartbeat" comments, or
+    BREAK (the connection drops). A job whose scripts are used up answers 404."""
+
+    BREAK = "break"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scripts: list[list[Any]] = []
+        self.connections: list[httpx.Request] = []
+        self.content_type = "text/event-stream; charset=utf-8"
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        match = re.fullmatch(r"/v1/lowerings/([^/]+)/events", request.url.path)
+        if match is None:
+            return super().__call__(request)
+        self.requests.append(request)
+        self.connections.append(request)
+        job = self.jobs.get(match.group(1))
+        if job is None or not self.scripts:
+            return _error(404, "not_found", "no such lowering")
+        return httpx.Response(200, headers={"Content-Type": self.content_type},
+                              content=self._play(job, self.scripts.pop(0)))
+
+    def _play(self, job: dict[str, Any], script: list[Any]) -> Iterator[bytes]:
+        yield b"retry: 2000\n\n"
+        for step in script:
+            if step == self.BREAK:
+                raise httpx.ReadError("connection reset by peer")
+            if isinstance(step, str):
+                yield f"{step}\n\n".encode()
+                continue
+            job.update({key: value for key, value in step.items() if key != "queue_position"})
+            state = f"{job['status']}.{job['phase'] or '-'}.{step.get('queue_position', '-')}"
+            yield _sse({**job, "queue_position": step.get("queue_position")}, state).encode()
+
+
+QUEUED_2 = {"status": "queued", "phase": None, "queue_position": 2}
+QUEUED_0 = {"status": "queued", "phase": None, "queue_position": 0}
+LOWER = {"status": "running", "phase": "lower"}
+DONE = {"status": "succeeded", "phase": None,
+        "artifact": {"sha256": hashlib.sha256(ARTIFACT).hexdigest(), "size_bytes": 1,
+                     "url": "/v1/lowerings/x/artifact"}}
+
+
+@pytest.fixture
+def events_service() -> EventsService:
+    return EventsService(polls_to_finish=3)
+
+
+@pytest.fixture
+def events_client(events_service: EventsService) -> Iterator[LoweringClient]:
+    with LoweringClient(transport=httpx.MockTransport(events_service)) as lowering_client:
+        yield lowering_client
+
+
+def _polls(service: FakeLoweringService, job_id: str) -> int:
+    return sum(1 for request in service.requests
+               if (request.method, request.url.path) == ("GET", f"/v1/lowerings/{job_id}"))
+
+
+def test_iter_sse_follows_the_standard() -> None:
+    lines = ["\ufeff: a comment first", "retry: 1500", "", "event: lowering", "id: a",
+             "data: {\"x\":", "data:1}", "", ": heartbeat", "", "data", "data:  two",
+             "unknown: field", "", "id: b\0c", "event: lowering", "data: cut off"]
+    assert list(iter_sse(lines)) == [
+        ServerSentEvent("lowering", '{"x":\n1}', "a", 1500),
+        ServerSentEvent("message", "\n two", "a", 1500),  # the id persists; \0 ignored
+    ]
+
+
+def test_wait_follows_the_events_without_polling(
+    events_client: LoweringClient, events_service: EventsService, program: Path
+) -> None:
+    job_id = events_client.submit(program, model_name="m")["id"]
+    events_service.scripts = [[QUEUED_2, ": heartbeat", QUEUED_0, LOWER, DONE]]
+    seen: list[Any] = []
+    job = events_client.wait(job_id, poll_s=0, on_update=lambda j: seen.append(
+        (j["status"], j["phase"], j["queue_position"])))
+    assert job["status"] == "succeeded" and job["artifact"]["size_bytes"] == 1
+    assert seen == [("queued", None, 2), ("queued", None, 0), ("running", "lower", None),
+                    ("succeeded", None, None)]
+    assert _polls(events_service, job_id) == 0
+    request = events_service.connections[0]
+    assert request.headers["accept"] == "text/event-stream"
+    assert "wait" not in request.url.params and "last-event-id" not in request.headers
+
+
+def test_events_yields_each_job(events_client: LoweringClient,
+                                events_service: EventsService, program: Path) -> None:
+    job_id = events_client.submit(program, model_name="m")["id"]
+    events_service.scripts = [[QUEUED_2, LOWER]]
+    assert [(job["status"], job["queue_position"]) for job in events_client.events(job_id)] \
+        == [("queued", 2), ("running", None)]
+    with pytest.raises(LoweringAPIError) as caught:  # no more scripts: 404
+        list(events_client.events(job_id))
+    assert caught.value.status == 404
+
+
+def test_a_stream_closed_early_is_reconnected_with_last_event_id(
+    events_client: LoweringClient, events_service: EventsService, program: Path
+) -> None:
+    job_id = events_client.submit(program, model_name="m")["id"]
+    events_service.scripts = [[QUEUED_0], [LOWER, DONE]]
+    assert events_client.wait(job_id, poll_s=0, timeout_s=60)["status"] == "succeeded"
+    first, second = events_service.connections
+    assert "last-event-id" not in first.headers
+    assert second.headers["last-event-id"] == "queued.-.0"
+    assert 0 < float(second.url.params["wait"]) <= 60
+    assert _polls(events_service, job_id) == 0
+
+
+@pytest.mark.parametrize("why", ["no route", "broken stream", "not an event stream"])
+def test_wait_falls_back_to_polling(events_client: LoweringClient,
+                                    events_service: EventsService, program: Path,
+                                    why: str) -> None:
+    job_id = events_client.submit(program, model_name="m")["id"]
+    events_service.scripts = {"no route": [], "broken stream": [[QUEUED_2, EventsService.BREAK]],
+                              "not an event stream": [[QUEUED_2]]}[why]
+    if why == "not an event stream":
+        events_service.content_type = "text/html"
+    seen: list[Any] = []
+    job = events_client.wait(job_id, poll_s=0, on_update=lambda j: seen.append(j["status"]))
+    assert job["status"] == "succeeded"
+    assert len(events_service.connections) == 1 and _polls(events_service, job_id) == 3
+    assert seen[-3:] == ["running", "running", "succeeded"]
+
+
+def test_wait_without_events_only_polls(events_client: LoweringClient,
+                                        events_service: EventsService, program: Path) -> None:
+    job_id = events_client.submit(program, model_name="m")["id"]
+    events_service.scripts = [[DONE]]
+    assert events_client.wait(job_id, poll_s=0, events=False)["status"] == "succeeded"
+    assert events_service.connections == []
+
+
+def test_wait_times_out_while_the_stream_stays_queued(
+    events_client: LoweringClient, events_service: EventsService, program: Path
+) -> None:
+    events_service.polls_to_finish = 10**9
+    job_id = events_client.submit(program, model_name="m")["id"]
+    events_service.scripts = [[QUEUED_2]] * 1000
+    with pytest.raises(TimeoutError, match="still"):
+        events_client.wait(job_id, timeout_s=0.2, poll_s=0.01)
+
+
+@pytest.mark.parametrize(("job", "words"), [
+    ({"status": "queued", "queue_position": 3}, "queued, 3 ahead"),
+    ({"status": "queued", "queue_position": 0}, "queued, next"),
+    ({"status": "queued", "queue_position": None, "phase": "waiting_for_host"},
+     "queued, waiting for a worker host that serves its target"),
+    ({"status": "queued", "queue_position": None, "coalesced_with": "abc",
+      "leader": {"id": "abc", "status": "running", "phase": "verify"}},
+     "queued, coalesced with abc (running: verify)"),
+    ({"status": "queued", "coalesced_with": "abc"}, "queued, coalesced with abc"),
+    ({"status": "queued"}, "queued"),  # polled: no position
+    ({"status": "running", "phase": "lower"}, "running: lower"),
+    ({"status": "failed"}, "failed"),
+])
+def test_describe_renders_progress(job: dict[str, Any], words: str) -> None:
+    assert describe(job) == words
+
+
+def test_cli_wait_prints_each_state_from_the_events(
+    events_service: EventsService, capsys: pytest.CaptureFixture[str], program: Path
+) -> None:
+    transport = httpx.MockTransport(events_service)
+    with LoweringClient(transport=transport) as lowering_client:
+        job_id = lowering_client.submit(program, model_name="m")["id"]
+    events_service.scripts = [[QUEUED_2, QUEUED_0, LOWER, {"status": "running",
+                                                            "phase": "verify"}, DONE]]
+    code = main(["wait", job_id], transport=transport)
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out)["status"] == "succeeded"
+    lines = [line.split("  ")[1] for line in err.splitlines() if line.startswith(job_id)]
+    assert lines == ["queued, 2 ahead", "queued, next", "running: lower", "running: verify"]
+    assert f"job {job_id} succeeded after" in err
+    assert _polls(events_service, job_id) == 0
+
+
+def test_cli_no_events_polls(events_service: EventsService,
+                             capsys: pytest.CaptureFixture[str], program: Path) -> None:
+    transport = httpx.MockTransport(events_service)
+    code = main(["submit", str(program), "--model-name", "m", "--wait", "--poll", "0",
+                 "--no-events"], transport=transport)
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out)["status"] == "succeeded"
+    assert events_service.connections == [] and "running: lower" in err

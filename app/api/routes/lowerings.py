@@ -1,8 +1,10 @@
-"""/v1/lowerings: submit, inspect, download, cancel, delete."""
+"""/v1/lowerings: submit, inspect, download, cancel, delete; progress events."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import re
 import time
 import uuid
@@ -37,6 +39,7 @@ from app.errors import (
     Conflict,
     PayloadTooLarge,
     RequestTimeout,
+    ServiceError,
     ServiceUnavailable,
     TooManyRequests,
     Unprocessable,
@@ -55,6 +58,7 @@ from app.validation.isolated import run_gate
 from app.webhooks.targets import check_callback
 
 router = APIRouter(prefix="/v1/lowerings", tags=["lowerings"])
+log = logging.getLogger("app.api")
 MULTIPART_OVERHEAD_BYTES = 1 << 20
 POLL_S = 0.2
 MAX_CURSOR = 2**63 - 1  # SQLite's largest integer; nothing larger reaches the database
@@ -340,3 +344,123 @@ async def delete_lowering(job_id: str, settings: SettingsDep,
             raise
         await to_thread.run_sync(lifecycle.delete, job_id)
     return Response(status_code=204)
+
+
+# -- progress events (Server-Sent Events) -------------------------------------------------
+# A plain StreamingResponse, not sse-starlette: the framing is a few lines, the stream is
+# driven by the same DB poll as ?wait= (the job table is the truth across replicas), and its
+# heartbeat, disconnect, stop and duration checks all belong to that one loop; sse-starlette
+# would add a dependency whose own ping task and uvicorn-signal shutdown hook duplicate them.
+
+EVENTS_POLL_S = 0.5
+"""How often an open stream reads its job (one query by id; one more, indexed, while it
+is queued)."""
+EVENTS_HEARTBEAT_S = 15.0
+"""A comment line after this long without an event, so proxies keep the stream open."""
+EVENTS_RETRY_MS = 2000
+"""The reconnect delay the stream asks of EventSource clients (its ``retry:`` field)."""
+EVENTS_DB_PATIENCE_S = 10.0
+"""A stream whose job cannot be read for this long ends (cleanly: the client reconnects)."""
+EVENTS_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _event_state(store: JobStore, job_id: str) -> tuple[str, dict[str, Any]] | None:
+    """The job as one ``lowering`` event: its id (the state it names) and its data (the
+    public job plus ``queue_position``, and ``leader`` for a follower); None once the
+    job is gone."""
+
+    def read() -> tuple[str, dict[str, Any]] | None:
+        job = store.get(job_id)
+        if job is None:
+            return None
+        data = _public(job)
+        position: int | None = None
+        key = [job["status"], job["phase"] or "-"]
+        if job["status"] == JobStatus.QUEUED.value:
+            # A follower (coalesced) waits where its leader waits.
+            leader = store.get(job["parent_id"]) if job["parent_id"] else job
+            if leader is not None and leader["status"] == JobStatus.QUEUED.value:
+                position = store.count_waiting_before(seq=leader["seq"])
+            if leader is not None and leader is not job:
+                data["leader"] = {"id": leader["id"], "status": leader["status"],
+                                  "phase": leader["phase"]}
+                key += [leader["status"], leader["phase"] or "-"]
+        data["queue_position"] = position
+        key.append("-" if position is None else str(position))
+        return ".".join(key), data
+
+    return await to_thread.run_sync(read)
+
+
+def _event_frame(event_id: str, data: dict[str, Any]) -> str:
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=True)  # one line
+    return f"event: lowering\nid: {event_id}\ndata: {body}\n\n"
+
+
+async def _event_stream(request: Request, store: JobStore, job_id: str,
+                        first: tuple[str, dict[str, Any]], last_event_id: str | None,
+                        stream_s: float) -> AsyncIterator[str]:
+    """The job on connect, then at every change of its status, phase or queue position
+    (or its leader's), until it is final, gone, the client leaves, the service begins to
+    stop or ``stream_s`` runs out (a client reconnects: it starts from the current
+    state). A reconnect whose Last-Event-ID names the current state is not sent it
+    again, unless it is final: a stream that ends with the job final ends with that
+    event."""
+    deadline = time.monotonic() + stream_s
+    stopping = request.app.state.stopping
+    yield f"retry: {EVENTS_RETRY_MS}\n\n"
+    sent, state = last_event_id, first
+    last_write = last_read = time.monotonic()
+    while True:
+        event_id, data = state
+        final = JobStatus(data["status"]).is_final
+        if event_id != sent or final:
+            yield _event_frame(event_id, data)
+            sent, last_write = event_id, time.monotonic()
+        now = time.monotonic()
+        if (final or now >= deadline or stopping.is_set()
+                or await request.is_disconnected()):
+            return
+        if now - last_write >= EVENTS_HEARTBEAT_S:
+            yield ": heartbeat\n\n"
+            last_write = now
+        await asyncio.sleep(max(0.0, min(EVENTS_POLL_S, deadline - now,
+                                         last_write + EVENTS_HEARTBEAT_S - now)))
+        try:
+            read = await _event_state(store, job_id)
+        except ServiceError as exc:  # the database busy or away: try again, for a while
+            if time.monotonic() - last_read > EVENTS_DB_PATIENCE_S:
+                log.warning("events of %s: ended, the job database fails: %s", job_id,
+                            exc.message)
+                return  # a clean end: the client reconnects, or polls
+            continue
+        if read is None:  # deleted since (only a final job can be)
+            return
+        state, last_read = read, time.monotonic()
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses={
+    200: {"description": "text/event-stream of `lowering` events: each one the job as GET "
+          "/v1/lowerings/{id} answers it plus queue_position (queued jobs that need a "
+          "worker ahead of it, its leader's for a coalesced job; null unless queued) and, "
+          "for a coalesced job, leader {id, status, phase}. Sent on connect and at each "
+          "change; a comment heartbeat every 15 s; the stream ends after a final status "
+          "or after LOWERING_MAX_WAIT_S (reconnect: it starts from the current state, and a "
+          "Last-Event-ID naming that state skips it)",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **ERROR_RESPONSES})
+async def lowering_events(
+    job_id: str, request: Request, store: StoreDep, settings: SettingsDep,
+    wait: Annotated[float | None, Query(
+        ge=0, le=MAX_WAIT_QUERY_S, allow_inf_nan=False,
+        description="seconds to keep the stream open (capped by LOWERING_MAX_WAIT_S)")] = None,
+) -> Response:
+    """Progress without polling: the job's status, phase and queue position as they change."""
+    first = await _event_state(store, _known_shape(job_id))
+    if first is None:
+        raise unknown_job(job_id)
+    stream_s = settings.max_wait_s if wait is None else min(wait, settings.max_wait_s)
+    last_event_id = request.headers.get("last-event-id")
+    return StreamingResponse(
+        _event_stream(request, store, job_id, first, last_event_id, stream_s),
+        media_type="text/event-stream", headers=EVENTS_HEADERS)
