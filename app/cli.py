@@ -13,7 +13,8 @@ exiting 1 when the database is behind or the models and migrations disagree.
 (LOWERING_EXECUTOR=celery on the API): a Celery worker on LOWERING_BROKER_URL with
 LOWERING_WORKERS processes, each running jobs in fresh sandboxes; it consumes the queues
 this host can serve (cpu, and cuda.smNN per GPU type) unless --queues says otherwise,
-and appears in job JSON as ``worker``: host-a@<hostname>.
+and appears in job JSON as ``worker``: host-a@<hostname>. With ``--metrics-port`` (or
+LOWERING_METRICS_PORT) it serves its processes' Prometheus /metrics on that port.
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def _migrate(*, check_only: bool) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1-65535)")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lowering-service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,12 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     host.add_argument("--name", required=True, help="this host's name (node host-a@<hostname>)")
     host.add_argument("--queues", default=None,
                       help="comma-separated queues to consume; default what this host serves")
+    host.add_argument("--metrics-port", type=_port, default=None,
+                      help="serve this host's Prometheus /metrics on LOWERING_HOST:PORT "
+                      "(default LOWERING_METRICS_PORT; unset: none)")
     args = parser.parse_args(argv)
     if args.command == "worker":
         from app.executors.celery_worker import main as worker_main
 
         queues = [q for q in (args.queues or "").split(",") if q.strip()] or None
-        return worker_main(name=args.name, queues=queues)
+        return worker_main(name=args.name, queues=queues, metrics_port=args.metrics_port)
     if args.command == "sandbox-run":
         return _sandbox_run(args.cmd)
     if args.command == "migrate":

@@ -14,7 +14,7 @@ from app import __version__
 from app.api.deps import Services
 from app.api.docs import mount_docs
 from app.api.handlers import register_exception_handlers
-from app.api.routes import health, lowerings, uploads, webhooks
+from app.api.routes import health, lowerings, metrics, uploads, webhooks
 from app.errors import ObjectStoreUnavailable
 from app.executors.base import Executor
 from app.executors.local import LocalExecutor
@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None, *,
     app.include_router(health.router)
     app.include_router(lowerings.router)
     app.include_router(uploads.router)
+    app.include_router(metrics.router)
     mount_docs(app)  # /docs, /redoc and their assets, from the service (no CDN)
     app.include_router(webhooks.router)
     return app

@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     worker_max_jobs_per_process: int = Field(
         20, ge=1, description="a worker host's Celery process is replaced after this many "
         "jobs (worker_max_tasks_per_child)")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="a worker host (`lowering-service worker`) serves "
+        "Prometheus /metrics on LOWERING_HOST:this port; unset: it serves none. The API "
+        "serves /metrics on its own port")
     archive_max_members: int = Field(100_000, ge=1, description="zip entries in an upload")
     archive_max_total_bytes: int | None = Field(
         None, gt=0, description="uncompressed size of all members; default 2 x max_upload_bytes")

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from app import metrics
 from app.errors import (
     ApiErrorCode,
     BadRequest,
@@ -43,6 +44,7 @@ def register_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        metrics.record_refusal(exc.code)  # the upload gate's codes are counted
         if exc.status >= 500:
             log.error("service error: %s", exc.message)
         response = error_response(exc.code, exc.message)

@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from billiard import process as billiard_process
+from billiard.pool import EX_RECYCLE
 from celery import Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.control import control_command
 
-from app import worker
+from app import metrics, worker
 from app.errors import JobError
 from app.executors.celery_app import TASK_NAME, make_celery, queues_for, time_limits
 from app.jobs import failures
@@ -145,8 +147,9 @@ def _probe(settings: Settings, sandbox: Sandbox) -> dict[str, Any]:
     return dict(event["toolchain"])
 
 
-def main(*, name: str, queues: list[str] | None) -> int:
-    """``lowering-service worker``: boot this host and consume its queues until stopped."""
+def main(*, name: str, queues: list[str] | None, metrics_port: int | None = None) -> int:
+    """``lowering-service worker``: boot this host and consume its queues until stopped;
+    with a metrics port (or LOWERING_METRICS_PORT), serve its processes' /metrics."""
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -154,6 +157,15 @@ def main(*, name: str, queues: list[str] | None) -> int:
         print("lowering-service worker: --name is a plain name (host-a); the node name "
               "is NAME@<hostname>", file=sys.stderr)
         return 2
+    port = metrics_port or settings.metrics_port
+    if port is not None:  # before anything is recorded or forked
+        try:
+            metrics.serve_worker_host(name, host=settings.host, port=port,
+                                      process_id=_pool_slot)
+        except OSError as exc:
+            print(f"lowering-service worker: cannot serve metrics on {settings.host}:{port}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
     try:
         record = boot_host(settings)
     except HostUnavailable as exc:
@@ -232,6 +244,7 @@ class _Process:
                 return child
             child.finish()
             self.warm = None
+            metrics.record_worker_recycle("died_idle" if ready else "warmup_failed")
             log.error("a sandbox did not warm up: %s",
                       " | ".join(tail_text(child.log_path, 400).strip().splitlines()[-2:]))
         return None
@@ -334,7 +347,9 @@ def _process_init(**_: Any) -> None:
 
 
 @signals.worker_process_shutdown.connect
-def _process_shutdown(**_: Any) -> None:
+def _process_shutdown(exitcode: Any = None, **_: Any) -> None:
+    if exitcode == EX_RECYCLE:  # its LOWERING_WORKER_MAX_JOBS_PER_PROCESS jobs are done
+        metrics.record_worker_recycle("max_jobs_per_process")
     _process_exit()
 
 
@@ -391,6 +406,8 @@ def _run(task: Task, job_id: str) -> str:
         state.running = None
     if ran == "not_claimed":
         state.keep(child)  # a duplicate delivery, or a job cancelled while queued
+    elif not state.terminating:
+        metrics.record_worker_recycle("after_job")  # the next job gets a fresh sandbox
     if state.terminating:
         _after_sigterm(job_id, ran, running, ctx)
     else:
@@ -448,6 +465,14 @@ def _task_body(task: Task, job_id: str) -> str:
 def _scratch_name(suffix: str = "") -> str:
     """Scratch dirs and logs of this process's sandboxes, unique on a shared data dir."""
     return f"celery@{socket.gethostname()}@{os.getpid()}{suffix}"
+
+
+def _pool_slot() -> str:
+    """Whose files a process writes in the host's metrics directory: a prefork process
+    its pool slot's (the process that replaces it continues its counts), any other its
+    own pid's."""
+    index = getattr(billiard_process.current_process(), "index", None)
+    return f"slot{index}" if index is not None else f"pid{os.getpid()}"
 
 
 def _pid_alive(pid: int) -> bool:

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from app import worker
+from app import metrics, worker
 from app.constants import JobStatus
 from app.errors import JobError
 from app.jobs import failures
@@ -160,6 +160,7 @@ class LocalExecutor:
             slot.state = "failing"
             slot.error = f"sandbox did not warm up (exit {ended.returncode}): {' | '.join(tail)}"
             log.error("slot %d: %s", slot.index, slot.error)
+            metrics.record_worker_recycle("warmup_failed")
             return None
         slot.warm_s = event.get("warm_s")
         if self.toolchain is None:
@@ -199,6 +200,8 @@ class LocalExecutor:
                 except queue.Empty:
                     if self._closing.is_set() or not child.alive():
                         child.finish()  # died idle (OOM killer, kill -9): warm a new one
+                        if not self._closing.is_set():
+                            metrics.record_worker_recycle("died_idle")
                         return None
                     continue
             if job_id is None or self._closing.is_set():
@@ -206,8 +209,11 @@ class LocalExecutor:
                 return None
             if not child.alive():
                 child.finish()
+                metrics.record_worker_recycle("died_idle")
                 return job_id
             if self._run(slot, child, job_id):
+                if not self._closing.is_set():  # a fresh sandbox for the next job
+                    metrics.record_worker_recycle("after_job")
                 return None
 
     def _run(self, slot: _Slot, child: SandboxedChild, job_id: str) -> bool:

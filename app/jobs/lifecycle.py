@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from app import metrics
 from app.constants import JobStatus, Phase
 from app.errors import ApiErrorCode, Conflict, JobError, NotFound
 from app.jobs import failures
@@ -137,11 +138,13 @@ class JobLifecycle:
                         "verification": hit["verification"], "toolchain": hit["toolchain"],
                         "profile": hit["profile"]})
                     self._notify(job)
+                    metrics.record_cache_hit("result")
                     return Admission(job, must_run=False)
                 leader = self.store.find_by_key(cache_key=key, statuses=ACTIVE)
                 if leader is not None:
-                    return Admission(self.store.create(**fields, parent_id=leader["id"]),
-                                     must_run=False)
+                    follower = self.store.create(**fields, parent_id=leader["id"])
+                    metrics.record_cache_hit("coalesced")
+                    return Admission(follower, must_run=False)
             if max_waiting is not None:
                 waiting = self.store.count_waiting()
                 if waiting >= max_waiting:
@@ -364,6 +367,7 @@ class JobLifecycle:
                     self._notify(settled)
 
     def _notify(self, job: JobRecord) -> None:
+        metrics.job_finished(job)  # counted here, once: by the process that moved the job
         for listener in self.listeners:
             try:
                 listener.job_finished(job)

@@ -21,6 +21,7 @@ from fastapi.responses import (
     StreamingResponse,
 )
 
+from app import metrics
 from app.api.deps import (
     ArtifactsDep,
     ExecutorDep,
@@ -139,6 +140,8 @@ async def create_lowering(
                               request.headers.get("content-type"),
                               dest_dir=uploads.staging_dir,
                               max_file_bytes=settings.max_upload_bytes)
+    if form.file_path is not None:
+        metrics.record_upload_bytes(form.size_bytes, via="submit")
     started = time.monotonic()  # "validate" times the checks, not the client's upload
     job_id = uuid.uuid4().hex
     try:

@@ -12,6 +12,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 
+from app import metrics
 from app.api.deps import SettingsDep, StoreDep, UploadsDep
 from app.api.openapi import ERROR_RESPONSES
 from app.api.routes.lowerings import _stall_guard
@@ -230,5 +231,6 @@ async def complete_upload(upload_id: str, settings: SettingsDep, records: Record
     upload = await to_thread.run_sync(claim)
     if upload is None:
         return _public(await to_thread.run_sync(_open, records, upload_id))
+    metrics.record_upload_bytes(upload["size_bytes"], via="resumable")  # once: it is claimed
     ready = await assemble_and_gate(upload, records=records, store=uploads, settings=settings)
     return _public(ready)
