@@ -21,6 +21,8 @@ from app.executors.local import LocalExecutor
 from app.jobs import migrate
 from app.jobs.lifecycle import JobLifecycle
 from app.jobs.store import JobStore
+from app.logs import RequestIdMiddleware
+from app.logs import configure as configure_logging
 from app.settings import Settings
 from app.storage.artifacts import LocalArtifactStore
 from app.storage.base import ArtifactStore, UploadStore
@@ -101,6 +103,7 @@ def create_app(settings: Settings | None = None, *,
         docs_url=None,  # FastAPI's pages load from CDNs: mount_docs serves ours
         redoc_url=None,
     )
+    app.add_middleware(RequestIdMiddleware)  # request and job ids on every log line
     # Set when a stop begins: held ?wait= requests answer with the job at once.
     app.state.stopping = threading.Event()
     register_exception_handlers(app)
@@ -118,8 +121,7 @@ def run() -> None:
     import uvicorn
 
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
     if settings.storage == "s3":  # refuse to start in one line, not a lifespan traceback
         from app.storage.s3 import open_s3_stores
 
@@ -135,7 +137,7 @@ def run() -> None:
             app.state.stopping.set()
             super().handle_exit(sig, frame)
 
-    _Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+    _Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                            log_level=settings.log_level, timeout_graceful_shutdown=10)).run()
 
 

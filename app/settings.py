@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     verify_rtol: float = Field(1e-4, ge=0)
     verify_atol: float = Field(1e-4, ge=0)
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="service log lines: text, or json (one object per line); both "
+        "carry the request id and job id")
     executor: Literal["local", "celery"] = Field(
         "local", description="local: jobs run on this host's worker slots; celery: jobs go "
         "to worker hosts (`lowering-service worker`) through LOWERING_BROKER_URL")

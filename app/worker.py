@@ -34,6 +34,7 @@ from app.errors import JobError, ObjectStoreUnavailable
 from app.jobs import failures
 from app.jobs.lifecycle import ArtifactLost, JobLifecycle
 from app.jobs.store import JobRecord
+from app.logs import job_context
 from app.sandbox.child import ARTIFACT_NAME, INPUT_NAME
 from app.sandbox.process import SandboxedChild
 from app.settings import Settings
@@ -82,6 +83,12 @@ def run_job(job_id: str, child: SandboxedChild, ctx: JobContext, *,
     child was not touched. "stopped": it was cancelled, or ``stop`` was set, while it
     ran; the child is gone and the status was left to whoever stopped it.
     """
+    with job_context(job_id):  # every log line of this supervisor names the job
+        return _run_job(job_id, child, ctx, stop=stop)
+
+
+def _run_job(job_id: str, child: SandboxedChild, ctx: JobContext, *,
+             stop: threading.Event) -> Ran:
     job = ctx.lifecycle.claim(job_id, worker_pid=child.pid, worker=ctx.worker)
     if job is None:
         return "not_claimed"

@@ -46,6 +46,7 @@ from app import metrics, worker
 from app.errors import JobError
 from app.executors.celery_app import TASK_NAME, make_celery, queues_for, time_limits
 from app.jobs import failures
+from app.logs import configure as configure_logging
 from app.sandbox.cache import publish_cache, toolchain_stamp
 from app.sandbox.process import SandboxedChild
 from app.sandbox.profile import Sandbox, from_settings
@@ -151,8 +152,7 @@ def main(*, name: str, queues: list[str] | None, metrics_port: int | None = None
     """``lowering-service worker``: boot this host and consume its queues until stopped;
     with a metrics port (or LOWERING_METRICS_PORT), serve its processes' /metrics."""
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
     if "@" in name or not name.strip():
         print("lowering-service worker: --name is a plain name (host-a); the node name "
               "is NAME@<hostname>", file=sys.stderr)

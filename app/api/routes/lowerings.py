@@ -49,6 +49,7 @@ from app.jobs.cache_key import cache_key, code_key
 from app.jobs.failures import out_of_space
 from app.jobs.lifecycle import QueueFull, unknown_job
 from app.jobs.store import JobFields, JobRecord, JobStore
+from app.logs import JOB_ID
 from app.schemas import LoweringPublic, LoweringsPublic
 from app.settings import Settings
 from app.storage.base import ArtifactStore
@@ -144,6 +145,7 @@ async def create_lowering(
         metrics.record_upload_bytes(form.size_bytes, via="submit")
     started = time.monotonic()  # "validate" times the checks, not the client's upload
     job_id = uuid.uuid4().hex
+    JOB_ID.set(job_id)  # this request's log lines name the job (reset by the middleware)
     try:
         # A fleet queues a job for a target no live host serves (its phase says so); a
         # host that runs its own jobs refuses a device it does not have.
