@@ -9,6 +9,11 @@ TMPDIR under it). Output passes through; the exit status is CMD's.
 in LOWERING_DATA_DIR) to the schema this release needs; ``migrate --check`` only reports,
 exiting 1 when the database is behind or the models and migrations disagree.
 
+``lowering-service keys create --tenant T [--scope submit]`` makes an API key (printed
+once, as the last line of stdout; only its HMAC is stored), ``keys list`` shows every key
+without secrets, ``keys revoke ID`` revokes one. Same database settings as ``migrate``;
+``create`` needs LOWERING_AUTH_PEPPER, the one the service runs with.
+
 ``lowering-service worker --name host-a [--queues cpu]`` runs a worker host of the fleet
 (LOWERING_EXECUTOR=celery on the API): a Celery worker on LOWERING_BROKER_URL with
 LOWERING_WORKERS processes, each running jobs in fresh sandboxes; it consumes the queues
@@ -20,6 +25,7 @@ LOWERING_METRICS_PORT) it serves its processes' Prometheus /metrics on that port
 from __future__ import annotations
 
 import argparse
+import datetime
 import shutil
 import sys
 import tempfile
@@ -86,6 +92,68 @@ def _migrate(*, check_only: bool) -> int:
     return 0
 
 
+def _when(value: datetime.datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import OperationalError
+
+    from app.auth import KeyStore, check_tenant, parse_scopes
+    from app.jobs import migrate
+    from app.jobs.store import JobStore
+    from app.settings import Settings
+
+    settings = Settings()
+    pepper = settings.auth_pepper.get_secret_value() if settings.auth_pepper else None
+    try:
+        if args.keys_command == "create":
+            scopes = parse_scopes(args.scope)
+            check_tenant(args.tenant)
+            if pepper is None:
+                print("lowering-service: LOWERING_AUTH_PEPPER is not set: keys are hashed "
+                      "with it (set the same one the service runs with)", file=sys.stderr)
+                return 1
+        if settings.database_url is None:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # Like the service: the embedded database migrates itself, a shared one must be.
+        migrate.prepare(settings.db_url, auto_upgrade=settings.db_url.startswith("sqlite")
+                        or settings.migrate_on_start)
+        store = JobStore(settings.db_url)
+    except ValueError as exc:
+        print(f"lowering-service: {exc}", file=sys.stderr)
+        return 2
+    except migrate.MigrationError as exc:
+        print(f"lowering-service: {exc}", file=sys.stderr)
+        return 1
+    except OperationalError as exc:
+        print(f"lowering-service: cannot open the job database: {exc.orig}", file=sys.stderr)
+        return 1
+    try:
+        keys = KeyStore(store.engine, pepper)
+        if args.keys_command == "create":
+            key, row = keys.create(tenant=args.tenant, scopes=scopes)
+            print(f"key {row['id']} for tenant {row['tenant']} (scopes: "
+                  f"{', '.join(row['scopes'])}); shown only now, store it:")
+            print(key)
+            return 0
+        if args.keys_command == "revoke":
+            if not keys.revoke(args.key_id):
+                print(f"lowering-service: no active key {args.key_id!r}", file=sys.stderr)
+                return 1
+            print(f"key {args.key_id} revoked")
+            return 0
+        print(f"{'id':<16}  {'tenant':<20}  {'scopes':<18}  {'created':<20}  "
+              f"{'last used':<20}  revoked")
+        for row in keys.all():
+            print(f"{row['id']:<16}  {row['tenant']:<20}  {','.join(row['scopes']):<18}  "
+                  f"{_when(row['created_at']):<20}  {_when(row['last_used_at']):<20}  "
+                  f"{_when(row['revoked_at'])}")
+        return 0
+    finally:
+        store.close()
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 1 <= port <= 65535:
@@ -103,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     migrate = commands.add_parser("migrate", help="bring the job database to this release")
     migrate.add_argument("--check", action="store_true",
                          help="change nothing; exit 1 unless at head and matching the models")
+    keys = commands.add_parser("keys", help="make, list and revoke API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="make a key; printed once, last line")
+    create.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    create.add_argument("--scope", default="submit", help="comma-separated among read, "
+                        "submit, admin (each implies those before it; default submit)")
+    keys_commands.add_parser("list", help="every key, without secrets")
+    revoke = keys_commands.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("key_id", metavar="ID", help="the key's id (`keys list`)")
     host = commands.add_parser("worker", help="run jobs from the fleet's broker on this host")
     host.add_argument("--name", required=True, help="this host's name (node host-a@<hostname>)")
     host.add_argument("--queues", default=None,
@@ -120,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sandbox_run(args.cmd)
     if args.command == "migrate":
         return _migrate(check_only=args.check)
+    if args.command == "keys":
+        return _keys(args)
     from app.main import run
 
     run()

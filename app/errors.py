@@ -3,6 +3,8 @@
 ServiceError (500)              anything we did not foresee; the body says nothing internal
  ├── ArtifactCorrupt (500)      a stored artifact is gone or no longer matches its sha256
  ├── BadRequest (400)           a body that cannot be read as a form
+ ├── Unauthorized (401)         no API key, or one that is malformed, unknown or revoked
+ ├── Forbidden (403)            the API key lacks the scope the route needs
  ├── NotFound (404)             unknown lowering id, upload id or route
  ├── MethodNotAllowed (405)     a route answered for another method (raised by the router)
  ├── RequestTimeout (408)       the upload stalled (LOWERING_UPLOAD_STALL_TIMEOUT_S)
@@ -11,7 +13,8 @@ ServiceError (500)              anything we did not foresee; the body says nothi
  ├── UnsupportedMediaType (415) not multipart, or an upload that is not a pt2 zip
  ├── Unprocessable (422)        a readable form with a missing, unknown or bad field; an
  │                              upload the gate refuses
- ├── TooManyRequests (429)      the queue is full (LOWERING_MAX_QUEUED), too many open uploads;
+ ├── TooManyRequests (429)      the queue is full (LOWERING_MAX_QUEUED), too many open uploads,
+ │                              a tenant over its quota;
  │                              carries Retry-After
  ├── ServiceUnavailable (503)   no job can run here now (sandbox missing, database locked)
  │    └── ObjectStoreUnavailable  the S3 object store failed or cannot be reached
@@ -62,6 +65,13 @@ class ApiErrorCode(enum.StrEnum):
     DUPLICATE_FIELD = "duplicate_field", "a form field is sent more than once"
     CLIENT_DISCONNECTED = "client_disconnected", (
         "the client went away mid-request (nobody reads this answer)")
+    # 401, 403
+    UNAUTHORIZED = "unauthorized", (
+        "LOWERING_AUTH=required and the request has no `Authorization: Bearer <key>`, or "
+        "its key is malformed, unknown or revoked")
+    FORBIDDEN_SCOPE = "forbidden_scope", (
+        "the API key lacks the scope this route needs (read, submit or admin); the message "
+        "names it")
     # 404, 405, 408
     NOT_FOUND = "not_found", "no lowering has this id, or no route has this path"
     UNKNOWN_UPLOAD = "unknown_upload", (
@@ -155,6 +165,11 @@ class ApiErrorCode(enum.StrEnum):
     TOO_MANY_UPLOADS = "too_many_uploads", (
         "LOWERING_MAX_OPEN_UPLOADS resumable uploads are already open; complete or let "
         "some expire, retry after Retry-After seconds")
+    TENANT_QUOTA = "tenant_quota", (
+        "the key's tenant is over its quota of active (queued and running) lowerings "
+        "(LOWERING_TENANT_MAX_ACTIVE_JOBS) or of stored bytes "
+        "(LOWERING_TENANT_MAX_STORAGE_BYTES); retry after Retry-After seconds, or delete "
+        "finished lowerings")
     SERVICE_UNAVAILABLE = "service_unavailable", "the service cannot take requests now"
     SANDBOX_UNAVAILABLE = "sandbox_unavailable", (
         "no lowering can run here: the sandbox or the workers are missing (see /readyz)")
@@ -226,6 +241,20 @@ class BadRequest(ServiceError):
                        ApiErrorCode.DUPLICATE_FIELD, ApiErrorCode.CLIENT_DISCONNECTED})
 
 
+class Unauthorized(ServiceError):
+    """Answered with ``WWW-Authenticate: Bearer``."""
+
+    status = 401
+    code = ApiErrorCode.UNAUTHORIZED
+    codes = frozenset({ApiErrorCode.UNAUTHORIZED})
+
+
+class Forbidden(ServiceError):
+    status = 403
+    code = ApiErrorCode.FORBIDDEN_SCOPE
+    codes = frozenset({ApiErrorCode.FORBIDDEN_SCOPE})
+
+
 class NotFound(ServiceError):
     status = 404
     code = ApiErrorCode.NOT_FOUND
@@ -292,7 +321,8 @@ class TooManyRequests(ServiceError):
 
     status = 429
     code = ApiErrorCode.QUEUE_FULL
-    codes = frozenset({ApiErrorCode.QUEUE_FULL, ApiErrorCode.TOO_MANY_UPLOADS})
+    codes = frozenset({ApiErrorCode.QUEUE_FULL, ApiErrorCode.TOO_MANY_UPLOADS,
+                       ApiErrorCode.TENANT_QUOTA})
 
     def __init__(self, message: str, *, retry_after_s: int,
                  code: ApiErrorCode | None = None) -> None:

@@ -15,11 +15,12 @@ from app.api.deps import Services
 from app.api.docs import mount_docs
 from app.api.handlers import register_exception_handlers
 from app.api.routes import health, lowerings, metrics, uploads, webhooks
+from app.auth import AuthConfigError, KeyStore, auth_mode, check_keys_exist
 from app.errors import ObjectStoreUnavailable
 from app.executors.base import Executor
 from app.executors.local import LocalExecutor
 from app.jobs import migrate
-from app.jobs.lifecycle import JobLifecycle
+from app.jobs.lifecycle import JobLifecycle, Quota
 from app.jobs.store import JobStore
 from app.logs import RequestIdMiddleware
 from app.logs import configure as configure_logging
@@ -58,6 +59,9 @@ def create_app(settings: Settings | None = None, *,
 
         make_executor = CeleryExecutor
     make_executor = make_executor or LocalExecutor
+    pepper = settings.auth_pepper.get_secret_value() if settings.auth_pepper else None
+    # Refused here, before anything opens: a public bind without LOWERING_AUTH set.
+    mode = auth_mode(auth=settings.auth, host=settings.host, pepper=pepper)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,16 +75,22 @@ def create_app(settings: Settings | None = None, *,
         migrate.prepare(settings.db_url, auto_upgrade=settings.db_url.startswith("sqlite")
                         or settings.migrate_on_start)
         store = JobStore(settings.db_url)
+        keys = KeyStore(store.engine, pepper) if mode == "required" else None
+        if keys is not None:
+            check_keys_exist(keys)  # auth required and no key: nobody could use it
         logs = open_log_store(settings)
         lifecycle = JobLifecycle(store, uploads=uploads, logs=logs, artifacts=artifacts,
-                                 lease_s=settings.lease_s)
+                                 lease_s=settings.lease_s, quota=Quota(
+                                     max_active_jobs=settings.tenant_max_active_jobs,
+                                     max_storage_bytes=settings.tenant_max_storage_bytes),
+                                 share_cache=settings.share_cache_across_tenants)
         executor = make_executor(JobContext(settings, lifecycle, uploads, logs, artifacts))
         lifecycle.dispatch = executor.submit
         lifecycle.listeners.append(executor)
         executor.start()
         app.state.services = Services(settings=settings, store=store, lifecycle=lifecycle,
                                       uploads=uploads, logs=logs, artifacts=artifacts,
-                                      executor=executor)
+                                      executor=executor, keys=keys)
         lifecycle.recover(requeue_running=executor.runs_jobs_here)
         # Every replica sends due webhook deliveries; a job ending here wakes it at once.
         from app.webhooks.dispatcher import Dispatcher
@@ -130,7 +140,19 @@ def run() -> None:
         except ObjectStoreUnavailable as exc:
             log.error("cannot start: %s", exc.message)
             raise SystemExit(1) from None
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+        if settings.auth == "required":  # refuse in one line, not a lifespan traceback
+            migrate.prepare(settings.db_url, auto_upgrade=settings.db_url.startswith("sqlite")
+                            or settings.migrate_on_start)
+            store = JobStore(settings.db_url)
+            try:
+                check_keys_exist(KeyStore(store.engine, None))
+            finally:
+                store.close()
+    except (AuthConfigError, migrate.MigrationError) as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(1) from None
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.validation.limits import ArchiveLimits, GateResources
@@ -148,6 +148,28 @@ class Settings(BaseSettings):
     s3_downloads: Literal["redirect", "stream"] = Field(
         "redirect", description="redirect: 307 to a presigned URL; stream: the API relays "
         "the object (clients that cannot reach the endpoint)")
+
+    auth: Literal["required", "off"] | None = Field(
+        None, description="required: every /v1 request needs `Authorization: Bearer <key>` "
+        "(keys: `lowering-service keys create`), and the service refuses to start without "
+        "an active key; off: no keys, every request acts as tenant 'default' with every "
+        "scope. Unset: off on a loopback LOWERING_HOST; on any other bind the service "
+        "refuses to start until this is set (off is then logged loudly)")
+    auth_pepper: SecretStr | None = Field(
+        None, min_length=16, description="the server-side secret keys are hashed with "
+        "(HMAC-SHA256); required with LOWERING_AUTH=required and by `lowering-service keys "
+        "create`. Changing it invalidates every key. Never passed to jobs")
+    share_cache_across_tenants: bool = Field(
+        False, description="a submit may be served from another tenant's identical result "
+        "(the archive bytes only: never that job's id, timings or profile); off: each "
+        "tenant's cache, coalescing and compiled-code reuse see only its own jobs")
+    tenant_max_active_jobs: int | None = Field(
+        None, ge=1, description="queued and running lowerings one tenant may have; beyond "
+        "it a submit is 429 tenant_quota. Unset: no quota")
+    tenant_max_storage_bytes: int | None = Field(
+        None, ge=1, description="bytes one tenant may store: its lowerings' inputs and "
+        "archives (an archive shared by jobs counts for each) and its resumable uploads; a "
+        "submit or upload that would pass it is 429 tenant_quota. Unset: no quota")
 
     webhook_allow_private: bool = Field(
         False, description="webhooks and callback_urls may target private, loopback and "

@@ -7,6 +7,7 @@ from typing import Annotated, cast
 
 from fastapi import Depends, Request
 
+from app.auth import ANONYMOUS, KeyStore, Principal, Scope
 from app.executors.base import Executor
 from app.jobs.lifecycle import JobLifecycle
 from app.jobs.store import JobStore
@@ -25,6 +26,8 @@ class Services:
     logs: LogStore
     artifacts: ArtifactStore
     executor: Executor
+    keys: KeyStore | None = None
+    """The API keys; None when LOWERING_AUTH is off (every request is ANONYMOUS)."""
 
 
 def _services(request: Request) -> Services:
@@ -69,3 +72,31 @@ UploadsDep = Annotated[UploadStore, Depends(_uploads)]
 LogsDep = Annotated[LogStore, Depends(_logs)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(_artifacts)]
 ExecutorDep = Annotated[Executor, Depends(_executor)]
+
+
+def _principal(request: Request, services: ServicesDep) -> Principal:
+    # Sync: FastAPI runs it in a worker thread (one indexed read, and the HMAC).
+    if services.keys is None:
+        return ANONYMOUS
+    return services.keys.authenticate(request.headers.get("authorization"))
+
+
+PrincipalDep = Annotated[Principal, Depends(_principal)]
+
+
+def _read(principal: PrincipalDep) -> Principal:
+    return principal.require(Scope.READ)
+
+
+def _submit(principal: PrincipalDep) -> Principal:
+    return principal.require(Scope.SUBMIT)
+
+
+def _admin(principal: PrincipalDep) -> Principal:
+    return principal.require(Scope.ADMIN)
+
+
+ReadDep = Annotated[Principal, Depends(_read)]
+"""The caller, with the read scope: its tenant filters every query."""
+SubmitDep = Annotated[Principal, Depends(_submit)]
+AdminDep = Annotated[Principal, Depends(_admin)]

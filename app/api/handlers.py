@@ -18,6 +18,7 @@ from app.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceError,
+    Unauthorized,
 )
 from app.jobs.failures import out_of_space
 
@@ -51,6 +52,8 @@ def register_exception_handlers(app: FastAPI) -> None:
         retry_after_s = getattr(exc, "retry_after_s", None)
         if retry_after_s is not None:
             response.headers["Retry-After"] = str(retry_after_s)
+        if isinstance(exc, Unauthorized):  # RFC 6750: how to authenticate
+            response.headers["WWW-Authenticate"] = 'Bearer realm="lowering"'
         return response
 
     @app.exception_handler(RequestValidationError)

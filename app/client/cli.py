@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=os.environ.get("LOWERING_URL", DEFAULT_URL),
                         help="service URL (default: $LOWERING_URL or %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("LOWERING_API_KEY"),
+                        help="the API key, sent as `Authorization: Bearer` (default: "
+                        "$LOWERING_API_KEY; a service with LOWERING_AUTH=off needs none)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     waiting = argparse.ArgumentParser(add_help=False)
     waiting.add_argument("--timeout", type=float, default=None, metavar="S",
@@ -302,7 +305,7 @@ def main(argv: Sequence[str] | None = None, *, transport: httpx.BaseTransport | 
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     err = Console(stderr=True)
     try:
-        with LoweringClient(args.url, transport=transport) as client:
+        with LoweringClient(args.url, transport=transport, api_key=args.api_key or "") as client:
             return _COMMANDS[args.command](client, args, err)
     except LoweringAPIError as exc:
         _say(err, f"error: {exc.message} (HTTP {exc.status}, {exc.code})", "red")

@@ -125,6 +125,25 @@ def _size_and_sha256(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+API_KEY_ENV = "LOWERING_API_KEY"
+
+
+class _BearerToOrigin(httpx.Auth):
+    """``Authorization: Bearer <key>`` on requests to the service only: never on a part
+    PUT to a presigned object-store URL (the key would leak, and S3 refuses two auths)."""
+
+    def __init__(self, key: str, base_url: str) -> None:
+        self.header = f"Bearer {key}"
+        self.origin = httpx.URL(base_url)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        url = request.url
+        if (url.scheme, url.host, url.port) == (self.origin.scheme, self.origin.host,
+                                                self.origin.port):
+            request.headers["Authorization"] = self.header
+        yield request
+
+
 class LoweringClient:
     """Client for one lowering service.
 
@@ -147,8 +166,10 @@ class LoweringClient:
         timeout_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         resumable_threshold_bytes: int | None = RESUMABLE_THRESHOLD_BYTES,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.resumable_threshold_bytes = resumable_threshold_bytes
         self.retry_pause_s = 0.5
         self._http = httpx.Client(
@@ -156,6 +177,7 @@ class LoweringClient:
             timeout=httpx.Timeout(timeout_s),
             transport=transport,
             headers={"User-Agent": f"lowerctl/{__version__}"},
+            auth=_BearerToOrigin(api_key, self.base_url) if api_key else None,
         )
 
     def __enter__(self) -> LoweringClient:

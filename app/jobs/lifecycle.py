@@ -29,6 +29,7 @@ from app import metrics
 from app.constants import JobStatus, Phase
 from app.errors import ApiErrorCode, Conflict, JobError, NotFound
 from app.jobs import failures
+from app.jobs.models import DEFAULT_TENANT
 from app.jobs.store import JobFields, JobRecord, JobStore, utcnow
 from app.storage.base import ArtifactRef, ArtifactStore, LogStore, UploadStore
 
@@ -72,6 +73,54 @@ class QueueFull(Exception):
         self.waiting = waiting
 
 
+@dataclass(frozen=True)
+class Quota:
+    """What one tenant may hold (None: no limit); checked at admission, under the
+    admission lock, so it holds across replicas and before anything is dispatched."""
+
+    max_active_jobs: int | None = None
+    max_storage_bytes: int | None = None
+
+
+class QuotaExceeded(Exception):
+    """The tenant is over its quota; ``message`` says which, ``retry_after_s`` when to
+    try again."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+ACTIVE_QUOTA_RETRY_S = 30
+STORAGE_QUOTA_RETRY_S = 300
+
+
+def check_storage(store: JobStore, quota: Quota, *, tenant: str, adding_bytes: int) -> None:
+    """QuotaExceeded when storing ``adding_bytes`` more would pass the tenant's cap."""
+    if quota.max_storage_bytes is None:
+        return
+    used = store.stored_bytes(tenant=tenant)
+    if used + adding_bytes > quota.max_storage_bytes:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} stores {used} bytes; {adding_bytes} more would pass its "
+            f"quota of {quota.max_storage_bytes} (LOWERING_TENANT_MAX_STORAGE_BYTES): delete "
+            "finished lowerings (DELETE /v1/lowerings/{id}) or let uploads expire",
+            retry_after_s=STORAGE_QUOTA_RETRY_S)
+
+
+def check_active(store: JobStore, quota: Quota, *, tenant: str) -> None:
+    """QuotaExceeded when the tenant already has its cap of queued and running jobs."""
+    if quota.max_active_jobs is None:
+        return
+    active = store.count_active(tenant=tenant)
+    if active >= quota.max_active_jobs:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} has {active} queued or running lowerings, its quota "
+            f"(LOWERING_TENANT_MAX_ACTIVE_JOBS={quota.max_active_jobs}); retry when some "
+            "have finished, or cancel some", retry_after_s=ACTIVE_QUOTA_RETRY_S)
+
+
 class ArtifactLost(Exception):
     """The archive a job was about to succeed with was removed before the commit."""
 
@@ -93,13 +142,19 @@ class JobLifecycle:
     :param listeners: told about every terminal change.
     :param dispatch: hands a job id to the executor; set once the executor exists.
     :param lease_s: how long a worker's claim on a job holds unless renewed.
+    :param quota: what each tenant may hold, checked at admission.
+    :param share_cache: a cache hit may take another tenant's archive (its bytes only);
+        coalescing and compiled-code reuse stay within a tenant regardless.
     """
 
     def __init__(self, store: JobStore, *, uploads: UploadStore, logs: LogStore,
                  artifacts: ArtifactStore, listeners: Sequence[JobListener] = (),
                  dispatch: Callable[[str], None] | None = None,
-                 lease_s: float = DEFAULT_LEASE_S) -> None:
+                 lease_s: float = DEFAULT_LEASE_S, quota: Quota | None = None,
+                 share_cache: bool = False) -> None:
         self.lease_s = lease_s
+        self.quota = quota or Quota()
+        self.share_cache = share_cache
         self.store = store
         self.uploads = uploads
         self.logs = logs
@@ -121,26 +176,39 @@ class JobLifecycle:
         """Record a submission: a cache hit (final at once), a follower of an identical
         active job, or new work handed to the executor.
 
-        The queue bound is checked here, where the count and the insert cannot
-        interleave with another admission; hits and followers never count against it.
+        The queue bound and the tenant's quota (``fields["tenant"]``) are checked here,
+        where the counts and the insert cannot interleave with another admission; hits and
+        followers never count against the queue, but do against the tenant's storage,
+        and followers against its active jobs. Raises QueueFull or QuotaExceeded.
+
+        A hit or a follower is found among the tenant's own jobs; with ``share_cache`` a
+        hit may take another tenant's archive, but nothing else of that job (not its id,
+        timings or profile).
         """
         key = fields.get("cache_key")
+        tenant = fields.get("tenant", DEFAULT_TENANT)
         with self.store.admission_lock():
+            check_storage(self.store, self.quota, tenant=tenant,
+                          adding_bytes=int(fields.get("input_size_bytes") or 0))
             if use_cache and key:
-                hit = self.store.find_by_key(cache_key=key, statuses=[S])
+                hit = self.store.find_by_key(cache_key=key, statuses=[S],
+                                             tenant=None if self.share_cache else tenant)
                 sha = hit["artifact_sha256"] if hit else None
                 if hit is not None and sha and self.artifacts.is_intact(sha):
+                    own = hit["tenant"] == tenant
                     now = utcnow()
                     job = self.store.create(**{
                         **fields, "status": S.value, "cache_hit": True, "created_at": now,
                         "started_at": now, "finished_at": now,
                         "artifact_sha256": sha, "artifact_size_bytes": hit["artifact_size_bytes"],
                         "verification": hit["verification"], "toolchain": hit["toolchain"],
-                        "profile": hit["profile"]})
+                        "profile": hit["profile"] if own else None})
                     self._notify(job)
                     metrics.record_cache_hit("result")
                     return Admission(job, must_run=False)
-                leader = self.store.find_by_key(cache_key=key, statuses=ACTIVE)
+            check_active(self.store, self.quota, tenant=tenant)  # a follower is active too
+            if use_cache and key:
+                leader = self.store.find_by_key(cache_key=key, statuses=ACTIVE, tenant=tenant)
                 if leader is not None:
                     follower = self.store.create(**fields, parent_id=leader["id"])
                     metrics.record_cache_hit("coalesced")
@@ -205,11 +273,13 @@ class JobLifecycle:
 
     def code_donors(self, job: JobRecord) -> list[JobRecord]:
         """Succeeded jobs whose compiled files ``job`` may take instead of compiling (the
-        same code key), newest first; none when its code depends on weight values."""
+        same code key, the same tenant: a donor's id is shown as code_reused_from), newest
+        first; none when its code depends on weight values."""
         key = job["code_key"]
         if not key:
             return []
-        return self.store.find_code_donors(code_key=key, exclude_id=job["id"])
+        return self.store.find_code_donors(code_key=key, exclude_id=job["id"],
+                                           tenant=job["tenant"])
 
     def progress(self, job_id: str, *, phase: Phase | None = None,
                  attempt: int | None = None) -> bool:
@@ -255,10 +325,11 @@ class JobLifecycle:
             self._finished(job_id)
         return moved
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str, *, tenant: str | None = None) -> JobRecord:
         """queued|running -> cancelled. A running job's worker hears it from progress()
-        (and its executor, a listener, at once); a follower takes over the work."""
-        job = self.store.get(job_id)
+        (and its executor, a listener, at once); a follower takes over the work. With
+        ``tenant``, another tenant's job is unknown."""
+        job = self.store.get(job_id, tenant=tenant)
         if job is None:
             raise unknown_job(job_id)
         if not self._move(job_id, from_=ACTIVE, to=C):
@@ -312,10 +383,11 @@ class JobLifecycle:
 
     # -- deletion ---------------------------------------------------------------------
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job_id: str, *, tenant: str | None = None) -> None:
         """Remove a final job's record, input and log, and its archive once no other job
-        references it (under the admission lock: no cache hit can take it meanwhile)."""
-        job = self.store.get(job_id)
+        (of any tenant) references it (under the admission lock: no cache hit can take it
+        meanwhile). With ``tenant``, another tenant's job is unknown."""
+        job = self.store.get(job_id, tenant=tenant)
         if job is None:
             raise unknown_job(job_id)
         if not JobStatus(job["status"]).is_final:

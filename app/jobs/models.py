@@ -14,7 +14,19 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    text,
 )
+
+DEFAULT_TENANT = "default"
+"""The tenant of every job, upload and webhook made before keys (0007), and of every
+request while LOWERING_AUTH=off."""
+
+
+def _tenant_column() -> Column[str]:
+    # Every query a request reaches filters on it (app.auth); rows from before 0007 and
+    # requests without keys belong to DEFAULT_TENANT.
+    return Column("tenant", String(64), nullable=False,
+                  server_default=text(f"'{DEFAULT_TENANT}'"))
 
 # Names for constraints added from now on, the same on every database, so a migration can
 # drop them by name (SQLite's batch mode needs that). Today's indexes are named explicitly,
@@ -73,12 +85,16 @@ lowerings = Table(
     Column("finished_at", DateTime(timezone=True)),
     # The submit's callback_url: told of the job's final status like a webhook (0006).
     Column("callback_url", String(2048)),
+    _tenant_column(),
     Index("ix_lowerings_status_seq", "status", "seq"),
     Index("ix_lowerings_model_seq", "model_name", "seq"),
     Index("ix_lowerings_cache_key", "cache_key", "status"),
     Index("ix_lowerings_parent", "parent_id"),
     Index("ix_lowerings_code_key", "code_key", "status"),
     Index("ix_lowerings_status_lease", "status", "lease_expires_at"),
+    # A tenant's list (newest first) and its quota counts (active jobs, stored bytes).
+    Index("ix_lowerings_tenant_seq", "tenant", "seq"),
+    Index("ix_lowerings_tenant_status", "tenant", "status"),
 )
 
 # Resumable uploads (POST /v1/uploads): a program sent in parts, assembled and gated once,
@@ -104,9 +120,11 @@ uploads = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("completed_at", DateTime(timezone=True)),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    _tenant_column(),
     Index("ux_uploads_id", "id", unique=True),
     Index("ix_uploads_sha256", "sha256", "status"),
     Index("ix_uploads_status_expires", "status", "expires_at"),
+    Index("ix_uploads_tenant_sha256", "tenant", "sha256"),
 )
 
 # Webhook endpoints (POST /v1/webhooks): told of every final status of the events they
@@ -124,7 +142,9 @@ webhooks = Table(
     Column("disabled_reason", String(512)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("disabled_at", DateTime(timezone=True)),
+    _tenant_column(),
     Index("ux_webhooks_id", "id", unique=True),
+    Index("ix_webhooks_tenant_seq", "tenant", "seq"),
 )
 
 # The outbox and the delivery log in one: a row is written in the transaction that moves a
@@ -154,4 +174,24 @@ webhook_deliveries = Table(
     Index("ux_webhook_deliveries_id", "id", unique=True),
     Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
     Index("ix_webhook_deliveries_webhook", "webhook_id", "seq"),
+)
+
+# API keys (0007): ``<prefix>_<id>_<secret>``; only the public id and an HMAC-SHA256 of the
+# secret under the server's pepper are kept (app.auth). Made, listed and revoked with
+# `lowering-service keys`, never over HTTP.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(32), nullable=False),
+    Column("tenant", String(64), nullable=False),
+    # Sorted names among read, submit, admin.
+    Column("scopes", JSON, nullable=False),
+    Column("key_hmac", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    # Written at most once a minute per key, so a busy key does not write on every request.
+    Column("last_used_at", DateTime(timezone=True)),
+    Index("ux_api_keys_id", "id", unique=True),
+    Index("ix_api_keys_tenant", "tenant"),
 )

@@ -20,7 +20,8 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_ex
 from app.constants import JobStatus
 from app.errors import ApiErrorCode, ServiceError, ServiceUnavailable, StorageFull
 from app.jobs.failures import out_of_space
-from app.jobs.models import lowerings
+from app.jobs.models import DEFAULT_TENANT, lowerings
+from app.jobs.models import uploads as uploads_table
 from app.webhooks import outbox
 
 log = logging.getLogger("app.jobs")
@@ -65,6 +66,7 @@ class JobFields(TypedDict, total=False):
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     callback_url: str | None
+    tenant: str
 
 
 class JobRecord(TypedDict):
@@ -104,6 +106,7 @@ class JobRecord(TypedDict):
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     callback_url: str | None
+    tenant: str
 
 
 Job = JobRecord
@@ -232,6 +235,7 @@ class JobStore:
             "attempts": 0,
             "cache_hit": False,
             "created_at": utcnow(),
+            "tenant": DEFAULT_TENANT,
             **fields,
         }
         with self.engine.begin() as conn:
@@ -243,9 +247,12 @@ class JobStore:
         return job
 
     @_as_service_errors
-    def get(self, job_id: str) -> JobRecord | None:
+    def get(self, job_id: str, *, tenant: str | None = None) -> JobRecord | None:
+        """The job; with ``tenant`` (every request), only if it is that tenant's: another
+        tenant's job is as unknown as one that never existed."""
+        query = _of(select(lowerings).where(lowerings.c.id == job_id), tenant)
         with self.engine.connect() as conn:
-            row = conn.execute(select(lowerings).where(lowerings.c.id == job_id)).first()
+            row = conn.execute(query).first()
         return _as_job(row._mapping) if row is not None else None
 
     @_as_service_errors
@@ -256,9 +263,11 @@ class JobStore:
         model_name: str | None = None,
         limit: int = 50,
         before_seq: int | None = None,
+        tenant: str | None = None,
     ) -> list[JobRecord]:
-        """Newest first; ``before_seq`` is the paging cursor."""
-        query = select(lowerings).order_by(lowerings.c.seq.desc()).limit(limit)
+        """Newest first; ``before_seq`` is the paging cursor; only ``tenant``'s jobs if
+        given."""
+        query = _of(select(lowerings).order_by(lowerings.c.seq.desc()).limit(limit), tenant)
         if status is not None:
             query = query.where(lowerings.c.status == status)
         if model_name is not None:
@@ -352,38 +361,61 @@ class JobStore:
         return self._count((lowerings.c.status == JobStatus.QUEUED.value)
                            & (lowerings.c.seq < seq) & lowerings.c.parent_id.is_(None))
 
+    @_as_service_errors
+    def count_active(self, *, tenant: str) -> int:
+        """The tenant's queued and running jobs (its quota; followers count too)."""
+        return self._count((lowerings.c.tenant == tenant) & lowerings.c.status.in_(
+            [JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+
+    @_as_service_errors
+    def stored_bytes(self, *, tenant: str) -> int:
+        """What the tenant keeps: its jobs' inputs and archives (an archive shared by
+        several jobs counts for each: it is what deleting them all would free) and its
+        resumable uploads that are not failed (one still receiving counts its declared
+        size: the room it will take)."""
+        jobs = select(func.coalesce(func.sum(lowerings.c.input_size_bytes), 0)
+                      + func.coalesce(func.sum(lowerings.c.artifact_size_bytes), 0)
+                      ).where(lowerings.c.tenant == tenant)
+        kept = (select(func.coalesce(func.sum(uploads_table.c.size_bytes), 0))
+                .where(uploads_table.c.tenant == tenant)
+                .where(uploads_table.c.status != "failed"))
+        with self.engine.connect() as conn:
+            return int(conn.execute(jobs).scalar_one()) + int(conn.execute(kept).scalar_one())
+
     def _count(self, where: Any) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).where(where)).scalar_one())
 
     @_as_service_errors
-    def find_by_key(self, *, cache_key: str, statuses: Iterable[JobStatus]) -> JobRecord | None:
-        """The newest job with this cache key in one of ``statuses`` that does the work."""
-        query = (
+    def find_by_key(self, *, cache_key: str, statuses: Iterable[JobStatus],
+                    tenant: str | None = None) -> JobRecord | None:
+        """The newest job with this cache key in one of ``statuses`` that does the work
+        (``tenant``'s, if given)."""
+        query = _of(
             select(lowerings)
             .where(lowerings.c.cache_key == cache_key)
             .where(lowerings.c.status.in_([s.value for s in statuses]))
             .where(lowerings.c.parent_id.is_(None))
             .order_by(lowerings.c.seq.desc())
-            .limit(1)
+            .limit(1), tenant
         )
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return _as_job(row._mapping) if row is not None else None
 
     @_as_service_errors
-    def find_code_donors(self, *, code_key: str, exclude_id: str,
+    def find_code_donors(self, *, code_key: str, exclude_id: str, tenant: str,
                          limit: int = 3) -> list[JobRecord]:
-        """The newest succeeded jobs with this code key and an archive, other than
-        ``exclude_id``: whose compiled files a job with the same key may take."""
-        query = (
+        """The newest succeeded jobs of ``tenant`` with this code key and an archive,
+        other than ``exclude_id``: whose compiled files a job with the same key may take."""
+        query = _of(
             select(lowerings)
             .where(lowerings.c.code_key == code_key)
             .where(lowerings.c.status == JobStatus.SUCCEEDED.value)
             .where(lowerings.c.artifact_sha256.is_not(None))
             .where(lowerings.c.id != exclude_id)
             .order_by(lowerings.c.seq.desc())
-            .limit(limit)
+            .limit(limit), tenant
         )
         with self.engine.connect() as conn:
             return [_as_job(row._mapping) for row in conn.execute(query)]
@@ -403,6 +435,11 @@ class JobStore:
         with self.engine.begin() as conn:
             conn.execute(update(lowerings).where(lowerings.c.id.in_(ids))
                          .values(parent_id=parent_id))
+
+
+def _of(query: Any, tenant: str | None) -> Any:
+    """Only ``tenant``'s rows (None: every tenant's, for the service's own work)."""
+    return query if tenant is None else query.where(lowerings.c.tenant == tenant)
 
 
 def _guarded(query: Any, attempt: int | None, lease_expired_at: dt.datetime | None) -> Any:

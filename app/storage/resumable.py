@@ -29,6 +29,7 @@ from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy import delete as sql_delete
 
 from app.errors import ApiErrorCode, Conflict, NotFound, ServiceError, Unprocessable
+from app.jobs.models import DEFAULT_TENANT
 from app.jobs.models import uploads as uploads_table
 from app.jobs.store import _as_service_errors, retry_busy, utcnow
 from app.settings import Settings
@@ -76,6 +77,7 @@ class UploadRecord(TypedDict):
     created_at: dt.datetime
     completed_at: dt.datetime | None
     expires_at: dt.datetime
+    tenant: str
 
 
 def unknown_upload(name: str) -> NotFound:
@@ -135,7 +137,7 @@ class UploadRecords:
     def create(self, **fields: Any) -> UploadRecord:
         now = utcnow()
         row = {"id": uuid.uuid4().hex, "status": UploadStatus.RECEIVING.value,
-               "created_at": now, **fields}
+               "created_at": now, "tenant": DEFAULT_TENANT, **fields}
         with self.engine.begin() as conn:
             conn.execute(insert(uploads_table).values(**row))
         made = self.get(row["id"])
@@ -143,16 +145,22 @@ class UploadRecords:
         return made
 
     @_as_service_errors
-    def get(self, upload_id: str) -> UploadRecord | None:
+    def get(self, upload_id: str, *, tenant: str | None = None) -> UploadRecord | None:
+        """The upload; with ``tenant`` (every request), only if it is that tenant's."""
+        query = select(uploads_table).where(uploads_table.c.id == upload_id)
+        if tenant is not None:
+            query = query.where(uploads_table.c.tenant == tenant)
         with self.engine.connect() as conn:
-            row = conn.execute(select(uploads_table)
-                               .where(uploads_table.c.id == upload_id)).first()
+            row = conn.execute(query).first()
         return _as_upload(row._mapping) if row is not None else None
 
     @_as_service_errors
-    def find_ready(self, *, sha256: str, now: dt.datetime) -> UploadRecord | None:
-        """The newest ready, unexpired upload of these bytes."""
+    def find_ready(self, *, sha256: str, now: dt.datetime,
+                   tenant: str) -> UploadRecord | None:
+        """The newest ready, unexpired upload of these bytes made by ``tenant`` (knowing a
+        sha256 never hands over another tenant's upload)."""
         query = (select(uploads_table).where(uploads_table.c.sha256 == sha256)
+                 .where(uploads_table.c.tenant == tenant)
                  .where(uploads_table.c.status == UploadStatus.READY.value)
                  .where(uploads_table.c.expires_at > now)
                  .order_by(uploads_table.c.seq.desc()).limit(1))
@@ -278,17 +286,18 @@ async def _check(upload: UploadRecord, assembled: Path, staged: Path, sha256: st
                           settings.gate_resources())
 
 
-def resolve(records: UploadRecords, name: str, *, now: dt.datetime) -> UploadRecord:
-    """The ready upload a submit names: an upload id or ``sha256:<hex>``."""
+def resolve(records: UploadRecords, name: str, *, now: dt.datetime,
+            tenant: str) -> UploadRecord:
+    """The ready upload of ``tenant`` a submit names: an upload id or ``sha256:<hex>``."""
     if name.startswith("sha256:"):
         digest = name.removeprefix("sha256:").lower()
         if not SHA256_RE.fullmatch(digest):
             raise unknown_upload(name)
-        found = records.find_ready(sha256=digest, now=now)
+        found = records.find_ready(sha256=digest, now=now, tenant=tenant)
         if found is None:
             raise unknown_upload(name)
         return found
-    upload = records.get(known_shape(name))
+    upload = records.get(known_shape(name), tenant=tenant)
     if upload is None or upload["expires_at"] <= now:
         raise unknown_upload(name)
     if upload["status"] != UploadStatus.READY.value:
@@ -300,11 +309,11 @@ def resolve(records: UploadRecords, name: str, *, now: dt.datetime) -> UploadRec
 
 
 def take(records: UploadRecords, store: UploadStore, name: str, *, job_id: str,
-         ttl_s: float) -> UploadRecord:
-    """A copy of the ready upload ``name`` becomes the input of ``job_id``; the upload is
-    kept ``ttl_s`` from now."""
+         ttl_s: float, tenant: str) -> UploadRecord:
+    """A copy of ``tenant``'s ready upload ``name`` becomes the input of ``job_id``; the
+    upload is kept ``ttl_s`` from now."""
     now = utcnow()
-    upload = resolve(records, name, now=now)
+    upload = resolve(records, name, now=now, tenant=tenant)
     try:
         store.adopt(job_id, upload["id"])
     except FileNotFoundError:

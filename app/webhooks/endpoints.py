@@ -31,23 +31,32 @@ class WebhookRecords:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def create(self, *, url: str, events: list[str], now: dt.datetime) -> dict[str, Any]:
+    def create(self, *, url: str, events: list[str], now: dt.datetime,
+               tenant: str) -> dict[str, Any]:
+        """An endpoint told of ``tenant``'s jobs only."""
         row: dict[str, Any] = {"id": uuid.uuid4().hex, "url": url, "events": events,
-                               "secret": new_secret(), "enabled": True, "created_at": now}
+                               "secret": new_secret(), "enabled": True, "created_at": now,
+                               "tenant": tenant}
         with self.engine.begin() as conn:
             conn.execute(insert(webhooks).values(**row))
         found = self.get(row["id"])
         assert found is not None
         return found
 
-    def get(self, webhook_id: str) -> dict[str, Any] | None:
+    def get(self, webhook_id: str, *, tenant: str | None = None) -> dict[str, Any] | None:
+        """The endpoint; with ``tenant`` (every request), only if it is that tenant's."""
+        query = select(webhooks).where(webhooks.c.id == webhook_id)
+        if tenant is not None:
+            query = query.where(webhooks.c.tenant == tenant)
         with self.engine.connect() as conn:
-            row = conn.execute(select(webhooks).where(webhooks.c.id == webhook_id)).first()
+            row = conn.execute(query).first()
         return _utc(dict(row._mapping)) if row is not None else None
 
-    def all(self) -> list[dict[str, Any]]:
+    def all(self, *, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's endpoints, oldest first."""
+        query = select(webhooks).where(webhooks.c.tenant == tenant).order_by(webhooks.c.seq)
         with self.engine.connect() as conn:
-            rows = conn.execute(select(webhooks).order_by(webhooks.c.seq)).all()
+            rows = conn.execute(query).all()
         return [_utc(dict(row._mapping)) for row in rows]
 
     def delete(self, webhook_id: str) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, insert, select
 
 from app.constants import JobStatus
-from app.jobs.models import webhook_deliveries, webhooks
+from app.jobs.models import DEFAULT_TENANT, webhook_deliveries, webhooks
 
 
 class Event(enum.StrEnum):
@@ -56,15 +56,17 @@ def envelope(event: Event, job: Mapping[str, Any], now: dt.datetime) -> dict[str
 
 
 def enqueue(conn: Connection, job: Mapping[str, Any], *, now: dt.datetime) -> int:
-    """Write one delivery per enabled endpoint subscribed to the job's final status, and
-    one to the job's callback_url; returns how many rows were written."""
+    """Write one delivery per enabled endpoint of the job's tenant subscribed to the job's
+    final status, and one to the job's callback_url; returns how many rows were written."""
     event = EVENT_OF.get(job["status"])
     if event is None:
         return 0
     targets: list[tuple[str | None, str]] = [
         (row.id, row.url)
         for row in conn.execute(select(webhooks.c.id, webhooks.c.url, webhooks.c.events)
-                                .where(webhooks.c.enabled.is_(True)).order_by(webhooks.c.seq))
+                                .where(webhooks.c.enabled.is_(True))
+                                .where(webhooks.c.tenant == job.get("tenant", DEFAULT_TENANT))
+                                .order_by(webhooks.c.seq))
         if event.value in (row.events or [])]
     if job.get("callback_url"):
         targets.append((None, str(job["callback_url"])))

@@ -174,3 +174,77 @@ def make_api(tmp_path: Path) -> Iterator[Callable[..., Api]]:
 @pytest.fixture
 def api(make_api: Callable[..., Api]) -> Api:
     return make_api()
+
+
+# -- LOWERING_AUTH=required ---------------------------------------------------------------
+
+PEPPER = "pepper-for-tests-0123456789abcdef"
+# name: (tenant, scopes); every key made before the app starts (it refuses to start keyless).
+KEYS = {"a": ("acme", "admin"), "b": ("globex", "admin"), "a_read": ("acme", "read"),
+        "a_submit": ("acme", "submit"), "revoked": ("acme", "admin")}
+
+
+class KeyedClient:
+    """The app's client, every request sent with one key (or none)."""
+
+    def __init__(self, client: AsgiClient, key: str | None) -> None:
+        self.client = client
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return self.client.request(method, url, headers=headers, **kwargs)
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def head(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("HEAD", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("PUT", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("DELETE", url, **kwargs)
+
+
+@dataclass
+class AuthApi:
+    """An app with LOWERING_AUTH=required, and a client per key of KEYS (``as_("a")``)."""
+
+    api: Api
+    keys: dict[str, str]
+    key_ids: dict[str, str]
+
+    def as_(self, name: str | None) -> KeyedClient:
+        return KeyedClient(self.api.client, self.keys[name] if name else None)
+
+
+@pytest.fixture
+def make_auth_api(make_api: Callable[..., Api], tmp_path: Path) -> Callable[..., AuthApi]:
+    """Factory: an app with auth required over a database holding the keys of KEYS."""
+    from app.auth import KeyStore
+    from app.jobs import migrate
+    from app.jobs.store import JobStore
+
+    def make(**overrides: Any) -> AuthApi:
+        url = f"sqlite:///{tmp_path / f'auth-{len(list(tmp_path.iterdir()))}.db'}"
+        migrate.upgrade(url)
+        store = JobStore(url)
+        keys: dict[str, str] = {}
+        ids: dict[str, str] = {}
+        try:
+            made = KeyStore(store.engine, PEPPER)
+            for name, (tenant, scope) in KEYS.items():
+                keys[name], row = made.create(tenant=tenant, scopes=[scope])
+                ids[name] = row["id"]
+            made.revoke(ids["revoked"])
+        finally:
+            store.close()
+        api = make_api(auth="required", auth_pepper=PEPPER, database_url=url, **overrides)
+        return AuthApi(api, keys, ids)
+
+    return make

@@ -229,11 +229,11 @@ def test_a_failing_database_is_waited_out_then_ends_the_stream_cleanly(
     get, calls = store.get, {"n": 0}
     failing = {"from": 2, "to": 6}  # calls 2..5 fail (a blip of ~0.1 s): waited out
 
-    def flaky(wanted: str) -> Any:
+    def flaky(wanted: str, **kwargs: Any) -> Any:
         calls["n"] += 1
         if failing["from"] <= calls["n"] < failing["to"]:
             raise ServiceUnavailable("the job database is busy; retry soon")
-        return get(wanted)
+        return get(wanted, **kwargs)
 
     monkeypatch.setattr(store, "get", flaky)
     with _later((0.5, lambda: api.services.lifecycle.cancel(job_id))):
@@ -259,10 +259,10 @@ def test_a_client_that_left_ends_the_stream(api: Api, linear: Path) -> None:
             return True
 
     async def read() -> list[str]:
-        first = await routes._event_state(store, job_id)
+        first = await routes._event_state(store, job_id, "default")
         assert first is not None
         return [chunk async for chunk in routes._event_stream(
-            Gone(), store, job_id, first, None, 3600)]  # type: ignore[arg-type]
+            Gone(), store, job_id, "default", first, None, 3600)]  # type: ignore[arg-type]
 
     started = time.monotonic()
     chunks = api.client.portal.call(read)

@@ -387,3 +387,30 @@ def test_0002_adds_the_profile_to_every_kept_job(db_url: str) -> None:
         engine.dispose()
     assert len(profiles) == len(before) and set(profiles) == {None}
     migrate.check(db_url)
+
+
+def test_0007_puts_every_kept_row_in_tenant_default(db_url: str) -> None:
+    """Jobs, uploads and webhooks from before keys belong to tenant 'default' (what every
+    request is while LOWERING_AUTH=off), and api_keys starts empty."""
+    before = _release_01_database(db_url)
+    migrate.upgrade(db_url, to="0006")
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO uploads (id, status, size_bytes, part_size_bytes, parts, "
+                "created_at, expires_at) VALUES ('u', 'ready', 1, 1, 1, :t, :t)"), {"t": T0})
+            conn.execute(text(
+                "INSERT INTO webhooks (id, url, events, secret, enabled, created_at) VALUES "
+                "('w', 'https://example.com', '[]', 's', true, :t)"), {"t": T0})
+        migrate.upgrade(db_url)
+        with engine.connect() as conn:
+            tenants = {table: set(conn.execute(text(f"SELECT tenant FROM {table}")).scalars())
+                       for table in ("lowerings", "uploads", "webhooks")}
+            keys = conn.execute(text("SELECT count(*) FROM api_keys")).scalar_one()
+    finally:
+        engine.dispose()
+    assert tenants == {"lowerings": {"default"}, "uploads": {"default"},
+                       "webhooks": {"default"}}
+    assert keys == 0 and len(_rows(db_url)) == len(before)
+    migrate.check(db_url)

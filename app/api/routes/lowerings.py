@@ -27,8 +27,10 @@ from app.api.deps import (
     ExecutorDep,
     LifecycleDep,
     LogsDep,
+    ReadDep,
     SettingsDep,
     StoreDep,
+    SubmitDep,
     UploadsDep,
 )
 from app.api.openapi import ERROR_RESPONSES, FORM_SCHEMA, SUBMIT_RESPONSES
@@ -47,7 +49,7 @@ from app.errors import (
 )
 from app.jobs.cache_key import cache_key, code_key
 from app.jobs.failures import out_of_space
-from app.jobs.lifecycle import QueueFull, unknown_job
+from app.jobs.lifecycle import QueueFull, QuotaExceeded, check_active, unknown_job
 from app.jobs.store import JobFields, JobRecord, JobStore
 from app.logs import JOB_ID
 from app.schemas import LoweringPublic, LoweringsPublic
@@ -94,6 +96,11 @@ def _queue_full(waiting: int, settings: Settings) -> TooManyRequests:
         "retry later", retry_after_s=_retry_after_s(waiting, settings))
 
 
+def _over_quota(exc: QuotaExceeded) -> TooManyRequests:
+    return TooManyRequests(exc.message, retry_after_s=exc.retry_after_s,
+                           code=ApiErrorCode.TENANT_QUOTA)
+
+
 def _public(job: JobRecord) -> dict[str, Any]:
     return LoweringPublic.from_job(job).model_dump(mode="json")
 
@@ -105,8 +112,10 @@ def _known_shape(job_id: str) -> str:
     return job_id
 
 
-async def _get_or_404(store: JobStore, job_id: str) -> JobRecord:
-    job = await to_thread.run_sync(store.get, _known_shape(job_id))
+async def _get_or_404(store: JobStore, job_id: str, tenant: str) -> JobRecord:
+    """The tenant's job; another tenant's is 404 exactly like an unknown id."""
+    _known_shape(job_id)
+    job = await to_thread.run_sync(lambda: store.get(job_id, tenant=tenant))
     if job is None:
         raise unknown_job(job_id)
     return job
@@ -117,6 +126,7 @@ async def _get_or_404(store: JobStore, job_id: str) -> JobRecord:
 async def create_lowering(
     request: Request, settings: SettingsDep, store: StoreDep, executor: ExecutorDep,
     lifecycle: LifecycleDep, uploads: UploadsDep, artifacts: ArtifactsDep,
+    principal: SubmitDep,
     wait: Annotated[float | None, Query(
         ge=0, le=MAX_WAIT_QUERY_S, allow_inf_nan=False,
         description="seconds to hold the request (capped by LOWERING_MAX_WAIT_S)")] = None,
@@ -131,6 +141,11 @@ async def create_lowering(
     waiting = await to_thread.run_sync(store.count_waiting)
     if waiting >= settings.max_queued:
         raise _queue_full(waiting, settings)
+    try:
+        await to_thread.run_sync(lambda: check_active(store, lifecycle.quota,
+                                                      tenant=principal.tenant))
+    except QuotaExceeded as exc:
+        raise _over_quota(exc) from None
     declared = request.headers.get("content-length")
     if declared and re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > (
         settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
@@ -163,7 +178,7 @@ async def create_lowering(
             # Gated when it was completed: its gate copy becomes this job's input.
             ready = await to_thread.run_sync(lambda: take(
                 UploadRecords(store.engine), uploads, upload_name, job_id=job_id,
-                ttl_s=settings.upload_ttl_s))
+                ttl_s=settings.upload_ttl_s, tenant=principal.tenant))
             input_sha256, input_size_bytes = str(ready["sha256"]), ready["size_bytes"]
             structure_sha256 = str(ready["structure_sha256"])
         elif form.file_path is None:
@@ -185,7 +200,8 @@ async def create_lowering(
     finally:
         form.discard()
     fields: JobFields = {
-        "id": job_id, "input_sha256": input_sha256, "input_size_bytes": input_size_bytes,
+        "id": job_id, "tenant": principal.tenant, "input_sha256": input_sha256,
+        "input_size_bytes": input_size_bytes,
         "timings": {"validate": round(time.monotonic() - started, 4)},
         **params.as_fields(),  # type: ignore[typeddict-item]
     }
@@ -204,12 +220,16 @@ async def create_lowering(
     except QueueFull as full:
         uploads.remove(job_id)
         raise _queue_full(full.waiting, settings) from None
+    except QuotaExceeded as exc:
+        uploads.remove(job_id)
+        raise _over_quota(exc) from None
     except BaseException:
         uploads.remove(job_id)
         raise
     job = admission.job
     if wait is not None:
-        job = await _wait_final(request, store, job_id, min(wait, settings.max_wait_s))
+        job = await _wait_final(request, store, job_id, principal.tenant,
+                                min(wait, settings.max_wait_s))
         if job["status"] == JobStatus.SUCCEEDED.value:
             return await _artifact_response(job, artifacts, request)
         if JobStatus(job["status"]).is_final:
@@ -230,14 +250,14 @@ def _ended(job: JobRecord) -> JSONResponse:
     return JSONResponse(body, status_code=code.status)
 
 
-async def _wait_final(request: Request, store: JobStore, job_id: str,
+async def _wait_final(request: Request, store: JobStore, job_id: str, tenant: str,
                       wait_s: float) -> JobRecord:
     """The job once final, or as it is when the wait runs out, the client leaves or the
     service begins to stop (the caller then answers 202 with the job and its Location)."""
     deadline = time.monotonic() + wait_s
     stopping = request.app.state.stopping
     while True:
-        job = await _get_or_404(store, job_id)
+        job = await _get_or_404(store, job_id, tenant)
         if (JobStatus(job["status"]).is_final or time.monotonic() >= deadline
                 or stopping.is_set() or await request.is_disconnected()):
             return job
@@ -247,34 +267,36 @@ async def _wait_final(request: Request, store: JobStore, job_id: str,
 @router.get("", response_model=LoweringsPublic, responses=ERROR_RESPONSES)
 async def list_lowerings(
     store: StoreDep,
+    principal: ReadDep,
     status: JobStatus | None = None,
     model_name: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=128)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[int | None, Query(
         ge=1, le=MAX_CURSOR, description="next_cursor from the previous page")] = None,
 ) -> dict[str, Any]:
-    """Jobs, newest first, paged by cursor."""
+    """The caller's tenant's jobs, newest first, paged by cursor."""
     rows = await to_thread.run_sync(lambda: store.list_page(
         status=status.value if status else None, model_name=model_name, limit=limit + 1,
-        before_seq=cursor))
+        before_seq=cursor, tenant=principal.tenant))
     next_cursor = str(rows[limit - 1]["seq"]) if len(rows) > limit else None
     return {"items": [_public(job) for job in rows[:limit]], "next_cursor": next_cursor}
 
 
 @router.get("/{job_id}", response_model=LoweringPublic, responses=ERROR_RESPONSES)
-async def get_lowering(job_id: str, store: StoreDep) -> dict[str, Any]:
+async def get_lowering(job_id: str, store: StoreDep, principal: ReadDep) -> dict[str, Any]:
     """One job: status, phase, timings, verification, error."""
-    return _public(await _get_or_404(store, job_id))
+    return _public(await _get_or_404(store, job_id, principal.tenant))
 
 
 @router.head("/{job_id}/artifact", response_class=FileResponse, responses=ERROR_RESPONSES,
              operation_id="head_artifact", summary="The archive's headers only")
 @router.get("/{job_id}/artifact", response_class=FileResponse, responses=ERROR_RESPONSES)
 async def get_artifact(
-    job_id: str, request: Request, store: StoreDep, artifacts: ArtifactsDep
+    job_id: str, request: Request, store: StoreDep, artifacts: ArtifactsDep,
+    principal: ReadDep,
 ) -> Response:
     """The packaged pt2 archive (Range and If-None-Match supported)."""
-    job = await _get_or_404(store, job_id)
+    job = await _get_or_404(store, job_id, principal.tenant)
     if job["status"] != JobStatus.SUCCEEDED.value:
         raise Conflict(f"lowering {job_id} is {job['status']}; the artifact exists once it "
                        "has succeeded", code=ApiErrorCode.ARTIFACT_NOT_READY)
@@ -321,9 +343,10 @@ async def _artifact_response(job: JobRecord, artifacts: ArtifactStore,
 
 
 @router.get("/{job_id}/log", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
-async def get_log(job_id: str, store: StoreDep, logs: LogsDep) -> Response:
+async def get_log(job_id: str, store: StoreDep, logs: LogsDep,
+                  principal: ReadDep) -> Response:
     """The worker's log of this job (empty until a worker starts it)."""
-    await _get_or_404(store, job_id)
+    await _get_or_404(store, job_id, principal.tenant)
     chunks = await to_thread.run_sync(logs.chunks, job_id)
     if chunks is None:
         return PlainTextResponse("")
@@ -331,23 +354,30 @@ async def get_log(job_id: str, store: StoreDep, logs: LogsDep) -> Response:
 
 
 @router.post("/{job_id}/cancel", response_model=LoweringPublic, responses=ERROR_RESPONSES)
-async def cancel_lowering(job_id: str, lifecycle: LifecycleDep) -> dict[str, Any]:
+async def cancel_lowering(job_id: str, lifecycle: LifecycleDep,
+                          principal: SubmitDep) -> dict[str, Any]:
     """Cancel a queued or running job; a running job's sandbox is stopped."""
-    return _public(await to_thread.run_sync(lifecycle.cancel, _known_shape(job_id)))
+    _known_shape(job_id)
+    return _public(await to_thread.run_sync(
+        lambda: lifecycle.cancel(job_id, tenant=principal.tenant)))
 
 
 @router.delete("/{job_id}", status_code=204, responses=ERROR_RESPONSES)
 async def delete_lowering(job_id: str, settings: SettingsDep,
-                          lifecycle: LifecycleDep) -> Response:
+                          lifecycle: LifecycleDep, principal: SubmitDep) -> Response:
     """Remove a finished job's record, upload, log and (if unshared) artifact."""
     _known_shape(job_id)
+
+    def delete() -> None:
+        lifecycle.delete(job_id, tenant=principal.tenant)
+
     try:
-        await to_thread.run_sync(lifecycle.delete, job_id)
+        await to_thread.run_sync(delete)
     except Exception as exc:
         # A full disk is when deleting matters most: spend the reserve and try again.
         if not (out_of_space(exc) and release_reserve(settings.data_dir)):
             raise
-        await to_thread.run_sync(lifecycle.delete, job_id)
+        await to_thread.run_sync(delete)
     return Response(status_code=204)
 
 
@@ -369,13 +399,14 @@ EVENTS_DB_PATIENCE_S = 10.0
 EVENTS_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _event_state(store: JobStore, job_id: str) -> tuple[str, dict[str, Any]] | None:
+async def _event_state(store: JobStore, job_id: str,
+                       tenant: str) -> tuple[str, dict[str, Any]] | None:
     """The job as one ``lowering`` event: its id (the state it names) and its data (the
     public job plus ``queue_position``, and ``leader`` for a follower); None once the
     job is gone."""
 
     def read() -> tuple[str, dict[str, Any]] | None:
-        job = store.get(job_id)
+        job = store.get(job_id, tenant=tenant)
         if job is None:
             return None
         data = _public(job)
@@ -383,7 +414,8 @@ async def _event_state(store: JobStore, job_id: str) -> tuple[str, dict[str, Any
         key = [job["status"], job["phase"] or "-"]
         if job["status"] == JobStatus.QUEUED.value:
             # A follower (coalesced) waits where its leader waits.
-            leader = store.get(job["parent_id"]) if job["parent_id"] else job
+            leader = (store.get(job["parent_id"], tenant=tenant) if job["parent_id"]
+                      else job)
             if leader is not None and leader["status"] == JobStatus.QUEUED.value:
                 position = store.count_waiting_before(seq=leader["seq"])
             if leader is not None and leader is not job:
@@ -402,7 +434,7 @@ def _event_frame(event_id: str, data: dict[str, Any]) -> str:
     return f"event: lowering\nid: {event_id}\ndata: {body}\n\n"
 
 
-async def _event_stream(request: Request, store: JobStore, job_id: str,
+async def _event_stream(request: Request, store: JobStore, job_id: str, tenant: str,
                         first: tuple[str, dict[str, Any]], last_event_id: str | None,
                         stream_s: float) -> AsyncIterator[str]:
     """The job on connect, then at every change of its status, phase or queue position
@@ -432,7 +464,7 @@ async def _event_stream(request: Request, store: JobStore, job_id: str,
         await asyncio.sleep(max(0.0, min(EVENTS_POLL_S, deadline - now,
                                          last_write + EVENTS_HEARTBEAT_S - now)))
         try:
-            read = await _event_state(store, job_id)
+            read = await _event_state(store, job_id, tenant)
         except ServiceError as exc:  # the database busy or away: try again, for a while
             if time.monotonic() - last_read > EVENTS_DB_PATIENCE_S:
                 log.warning("events of %s: ended, the job database fails: %s", job_id,
@@ -456,16 +488,18 @@ async def _event_stream(request: Request, store: JobStore, job_id: str,
     **ERROR_RESPONSES})
 async def lowering_events(
     job_id: str, request: Request, store: StoreDep, settings: SettingsDep,
+    principal: ReadDep,
     wait: Annotated[float | None, Query(
         ge=0, le=MAX_WAIT_QUERY_S, allow_inf_nan=False,
         description="seconds to keep the stream open (capped by LOWERING_MAX_WAIT_S)")] = None,
 ) -> Response:
     """Progress without polling: the job's status, phase and queue position as they change."""
-    first = await _event_state(store, _known_shape(job_id))
+    first = await _event_state(store, _known_shape(job_id), principal.tenant)
     if first is None:
         raise unknown_job(job_id)
     stream_s = settings.max_wait_s if wait is None else min(wait, settings.max_wait_s)
     last_event_id = request.headers.get("last-event-id")
     return StreamingResponse(
-        _event_stream(request, store, job_id, first, last_event_id, stream_s),
+        _event_stream(request, store, job_id, principal.tenant, first, last_event_id,
+                      stream_s),
         media_type="text/event-stream", headers=EVENTS_HEADERS)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 
 from app import metrics
-from app.api.deps import SettingsDep, StoreDep, UploadsDep
+from app.api.deps import LifecycleDep, ReadDep, SettingsDep, StoreDep, SubmitDep, UploadsDep
 from app.api.openapi import ERROR_RESPONSES
 from app.api.routes.lowerings import _stall_guard
 from app.errors import (
@@ -25,6 +25,7 @@ from app.errors import (
     Unprocessable,
     error_class,
 )
+from app.jobs.lifecycle import Quota, QuotaExceeded, check_storage
 from app.jobs.store import JobStore, utcnow
 from app.schemas import UploadCreate, UploadPublic
 from app.settings import Settings
@@ -67,9 +68,10 @@ def _public(upload: UploadRecord, received: dict[int, int] | None = None,
     ).model_dump(mode="json")
 
 
-def _open(records: UploadRecords, upload_id: str) -> UploadRecord:
-    """The upload, unless its id cannot exist, it is unknown, or it has expired."""
-    upload = records.get(known_shape(upload_id))
+def _open(records: UploadRecords, upload_id: str, tenant: str) -> UploadRecord:
+    """The tenant's upload, unless its id cannot exist, it is unknown (or another
+    tenant's), or it has expired."""
+    upload = records.get(known_shape(upload_id), tenant=tenant)
     if upload is None or upload["expires_at"] <= utcnow():
         raise unknown_upload(upload_id)
     return upload
@@ -108,11 +110,12 @@ def _state(records: UploadRecords, uploads: UploadStore, upload: UploadRecord,
 
 
 def _create(records: UploadRecords, store: JobStore, uploads: UploadStore,
-            settings: Settings, body: UploadCreate) -> tuple[int, dict[str, Any]]:
+            settings: Settings, body: UploadCreate, *, tenant: str,
+            quota: Quota) -> tuple[int, dict[str, Any]]:
     now = utcnow()
     sweep(records, uploads, now=now)
     if body.sha256 is not None:
-        ready = records.find_ready(sha256=body.sha256, now=now)
+        ready = records.find_ready(sha256=body.sha256, now=now, tenant=tenant)
         if ready is not None and ready["size_bytes"] == body.size_bytes:
             records.touch(ready["id"], expires_at=now + dt.timedelta(seconds=settings.upload_ttl_s))
             return 200, _public(records.get(ready["id"]) or ready)
@@ -125,34 +128,41 @@ def _create(records: UploadRecords, store: JobStore, uploads: UploadStore,
                 f"{open_now} uploads are already open (LOWERING_MAX_OPEN_UPLOADS="
                 f"{settings.max_open_uploads}); complete them or retry later",
                 retry_after_s=60, code=ApiErrorCode.TOO_MANY_UPLOADS)
+        try:
+            check_storage(store, quota, tenant=tenant, adding_bytes=body.size_bytes)
+        except QuotaExceeded as exc:
+            raise TooManyRequests(exc.message, retry_after_s=exc.retry_after_s,
+                                  code=ApiErrorCode.TENANT_QUOTA) from None
         upload_id = uuid.uuid4().hex
         multipart_id = uploads.parts.begin(upload_id)
         upload = records.create(
             id=upload_id, size_bytes=body.size_bytes, sha256=body.sha256,
-            part_size_bytes=part_size, parts=count, multipart_id=multipart_id,
+            part_size_bytes=part_size, parts=count, multipart_id=multipart_id, tenant=tenant,
             expires_at=now + dt.timedelta(seconds=settings.upload_ttl_s))
     return 201, _state(records, uploads, upload, settings)
 
 
 @router.post("", status_code=201, response_model=UploadPublic, responses=ERROR_RESPONSES)
 async def create_upload(body: UploadCreate, settings: SettingsDep, store: StoreDep,
-                        records: RecordsDep, uploads: UploadsDep) -> JSONResponse:
+                        records: RecordsDep, uploads: UploadsDep, lifecycle: LifecycleDep,
+                        principal: SubmitDep) -> JSONResponse:
     """Announce a program to send in parts; 200 with a ready upload of the same sha256."""
     if body.size_bytes > settings.max_upload_bytes:
         raise PayloadTooLarge(f"an upload of {body.size_bytes} bytes exceeds the limit of "
                               f"{settings.max_upload_bytes} bytes (LOWERING_MAX_UPLOAD_BYTES)")
     status, public = await to_thread.run_sync(
-        lambda: _create(records, store, uploads, settings, body))
+        lambda: _create(records, store, uploads, settings, body, tenant=principal.tenant,
+                        quota=lifecycle.quota))
     headers = {"Location": f"/v1/uploads/{public['id']}"}
     return JSONResponse(public, status_code=status, headers=headers)
 
 
 @router.get("/{upload_id}", response_model=UploadPublic, responses=ERROR_RESPONSES)
 async def get_upload(upload_id: str, settings: SettingsDep, records: RecordsDep,
-                     uploads: UploadsDep) -> dict[str, Any]:
+                     uploads: UploadsDep, principal: ReadDep) -> dict[str, Any]:
     """The upload: its status, the parts received and where to send the others."""
     def read() -> dict[str, Any]:
-        return _state(records, uploads, _open(records, upload_id), settings)
+        return _state(records, uploads, _open(records, upload_id, principal.tenant), settings)
 
     return await to_thread.run_sync(read)
 
@@ -160,9 +170,9 @@ async def get_upload(upload_id: str, settings: SettingsDep, records: RecordsDep,
 @router.put("/{upload_id}/parts/{number}", responses=ERROR_RESPONSES)
 async def put_part(upload_id: str, number: PartNumber, request: Request,
                    settings: SettingsDep, records: RecordsDep,
-                   uploads: UploadsDep) -> dict[str, Any]:
+                   uploads: UploadsDep, principal: SubmitDep) -> dict[str, Any]:
     """Receive one part (local storage); sending a part again replaces it."""
-    upload = await to_thread.run_sync(_open, records, upload_id)
+    upload = await to_thread.run_sync(_open, records, upload_id, principal.tenant)
     _receiving(upload)
     check_part_number(upload, number)
     if uploads.parts.direct:
@@ -200,10 +210,10 @@ def _refused_again(upload: UploadRecord) -> ServiceError:
 
 @router.post("/{upload_id}/complete", response_model=UploadPublic, responses=ERROR_RESPONSES)
 async def complete_upload(upload_id: str, settings: SettingsDep, records: RecordsDep,
-                          uploads: UploadsDep) -> dict[str, Any]:
+                          uploads: UploadsDep, principal: SubmitDep) -> dict[str, Any]:
     """Assemble the parts, check size and sha256, run the gate; ready, or the gate's 4xx."""
     def claim() -> UploadRecord | None:
-        upload = _open(records, upload_id)
+        upload = _open(records, upload_id, principal.tenant)
         if upload["status"] == UploadStatus.READY.value:
             return None  # completed before (a client retrying a lost answer)
         if upload["status"] == UploadStatus.FAILED.value:
@@ -230,7 +240,7 @@ async def complete_upload(upload_id: str, settings: SettingsDep, records: Record
 
     upload = await to_thread.run_sync(claim)
     if upload is None:
-        return _public(await to_thread.run_sync(_open, records, upload_id))
+        return _public(await to_thread.run_sync(_open, records, upload_id, principal.tenant))
     metrics.record_upload_bytes(upload["size_bytes"], via="resumable")  # once: it is claimed
     ready = await assemble_and_gate(upload, records=records, store=uploads, settings=settings)
     return _public(ready)

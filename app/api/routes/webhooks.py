@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app.api.deps import SettingsDep, StoreDep
+from app.api.deps import AdminDep, SettingsDep, StoreDep
 from app.api.openapi import ERROR_RESPONSES
 from app.errors import ApiErrorCode, BadRequest, NotFound, Unprocessable
 from app.jobs.store import utcnow
@@ -43,8 +43,10 @@ def _unknown(webhook_id: str) -> NotFound:
     return NotFound(f"no webhook with id {webhook_id[:80]!r}", code=ApiErrorCode.UNKNOWN_WEBHOOK)
 
 
-async def _get_or_404(records: WebhookRecords, webhook_id: str) -> dict[str, Any]:
-    found = (await to_thread.run_sync(records.get, webhook_id)
+async def _get_or_404(records: WebhookRecords, webhook_id: str,
+                      tenant: str) -> dict[str, Any]:
+    """The tenant's endpoint; another tenant's is 404 like an unknown id."""
+    found = (await to_thread.run_sync(lambda: records.get(webhook_id, tenant=tenant))
              if WEBHOOK_ID_RE.fullmatch(webhook_id) else None)
     if found is None:
         raise _unknown(webhook_id)
@@ -77,7 +79,7 @@ def _parse(raw: bytes) -> WebhookCreate:
 
 @router.post("", status_code=201, response_model=WebhookCreated, responses=ERROR_RESPONSES)
 async def create_webhook(request: Request, settings: SettingsDep,
-                         records: RecordsDep) -> JSONResponse:
+                         records: RecordsDep, principal: AdminDep) -> JSONResponse:
     """Register an endpoint; the answer holds its signing secret, shown only this once."""
     raw = b""
     async for chunk in request.stream():  # never more than the cap held in memory
@@ -92,28 +94,30 @@ async def create_webhook(request: Request, settings: SettingsDep,
     except TargetRefused as exc:
         raise Unprocessable(exc.message, code=exc.code) from None
     events = sorted(set(create.events))
-    hook = await to_thread.run_sync(lambda: records.create(url=create.url, events=events,
-                                                           now=utcnow()))
+    hook = await to_thread.run_sync(lambda: records.create(
+        url=create.url, events=events, now=utcnow(), tenant=principal.tenant))
     return JSONResponse(WebhookCreated(**hook).model_dump(mode="json"), status_code=201)
 
 
 @router.get("", response_model=WebhooksPublic)
-async def list_webhooks(records: RecordsDep) -> WebhooksPublic:
-    """Every endpoint, oldest first, without secrets."""
-    hooks = await to_thread.run_sync(records.all)
+async def list_webhooks(records: RecordsDep, principal: AdminDep) -> WebhooksPublic:
+    """The tenant's endpoints, oldest first, without secrets."""
+    hooks = await to_thread.run_sync(lambda: records.all(tenant=principal.tenant))
     return WebhooksPublic(items=[WebhookPublic(**hook) for hook in hooks])
 
 
 @router.get("/{webhook_id}", response_model=WebhookPublic, responses=ERROR_RESPONSES)
-async def get_webhook(webhook_id: str, records: RecordsDep) -> WebhookPublic:
+async def get_webhook(webhook_id: str, records: RecordsDep,
+                      principal: AdminDep) -> WebhookPublic:
     """One endpoint, without its secret (enabled, or why it was disabled)."""
-    return WebhookPublic(**await _get_or_404(records, webhook_id))
+    return WebhookPublic(**await _get_or_404(records, webhook_id, principal.tenant))
 
 
 @router.delete("/{webhook_id}", status_code=204, responses=ERROR_RESPONSES)
-async def delete_webhook(webhook_id: str, records: RecordsDep) -> Response:
+async def delete_webhook(webhook_id: str, records: RecordsDep,
+                         principal: AdminDep) -> Response:
     """Remove an endpoint and its delivery log; nothing more is sent to it."""
-    await _get_or_404(records, webhook_id)
+    await _get_or_404(records, webhook_id, principal.tenant)
     if not await to_thread.run_sync(records.delete, webhook_id):
         raise _unknown(webhook_id)
     return Response(status_code=204)
@@ -121,9 +125,10 @@ async def delete_webhook(webhook_id: str, records: RecordsDep) -> Response:
 
 @router.get("/{webhook_id}/deliveries", response_model=DeliveriesPublic,
             responses=ERROR_RESPONSES)
-async def list_deliveries(webhook_id: str, records: RecordsDep) -> DeliveriesPublic:
+async def list_deliveries(webhook_id: str, records: RecordsDep,
+                          principal: AdminDep) -> DeliveriesPublic:
     """The endpoint's delivery log, newest first (the last 100)."""
-    await _get_or_404(records, webhook_id)
+    await _get_or_404(records, webhook_id, principal.tenant)
     rows = await to_thread.run_sync(records.deliveries, webhook_id)
     return DeliveriesPublic(items=[DeliveryPublic(**{
         **row, "next_attempt_at": row["next_attempt_at"] if row["status"] == "pending" else None,
