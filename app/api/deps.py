@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated, cast
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.auth import ANONYMOUS, KeyStore, Principal, Scope
 from app.executors.base import Executor
@@ -74,7 +75,14 @@ ArtifactsDep = Annotated[ArtifactStore, Depends(_artifacts)]
 ExecutorDep = Annotated[Executor, Depends(_executor)]
 
 
-def _principal(request: Request, services: ServicesDep) -> Principal:
+# Only for the OpenAPI document (/docs gets an Authorize button); the header itself is
+# read and judged by KeyStore.authenticate, so every refusal is our JSON 401.
+_bearer = HTTPBearer(auto_error=False, description="an API key from `lowering-service keys "
+                     "create` (needed when LOWERING_AUTH=required)")
+
+
+def _principal(request: Request, services: ServicesDep,
+               _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
     # Sync: FastAPI runs it in a worker thread (one indexed read, and the HMAC).
     if services.keys is None:
         return ANONYMOUS

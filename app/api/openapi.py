@@ -15,6 +15,7 @@ from app.errors import (
     ApiErrorCode,
     BadRequest,
     Conflict,
+    Forbidden,
     MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
@@ -22,6 +23,7 @@ from app.errors import (
     ServiceUnavailable,
     StorageFull,
     TooManyRequests,
+    Unauthorized,
     Unprocessable,
     UnsupportedMediaType,
 )
@@ -90,6 +92,7 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
                                  "schema": {"type": "string"}}},
     },
     **_errors(cls.status for cls in (
-        BadRequest, RequestTimeout, Conflict, PayloadTooLarge, UnsupportedMediaType,
-        Unprocessable, TooManyRequests, ServiceError, ServiceUnavailable, StorageFull)),
+        BadRequest, Unauthorized, Forbidden, RequestTimeout, Conflict, PayloadTooLarge,
+        UnsupportedMediaType, Unprocessable, TooManyRequests, ServiceError, ServiceUnavailable,
+        StorageFull)),
 }

@@ -289,7 +289,8 @@ def test_submit_responses_in_openapi() -> None:
     assert responses["202"]["content"] == {"application/json": job}
     assert "Location" in responses["202"]["headers"]
     assert "Retry-After" in responses["429"]["headers"]
-    errors = {"400", "408", "409", "413", "415", "422", "429", "500", "503", "507"}
+    errors = {"400", "401", "403", "408", "409", "413", "415", "422", "429", "500", "503",
+              "507"}
     assert set(responses) == {"200", "202", *errors}
     assert "missing_field" in responses["422"]["description"]
     assert "job_failed" in responses["422"]["description"]
