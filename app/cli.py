@@ -13,6 +13,9 @@ exiting 1 when the database is behind or the models and migrations disagree.
 once, as the last line of stdout; only its HMAC is stored), ``keys list`` shows every key
 without secrets, ``keys revoke ID`` revokes one. Same database settings as ``migrate``;
 ``create`` needs LOWERING_AUTH_PEPPER, the one the service runs with.
+``lowering-service tenants set T [--max-active-jobs N] [--max-storage-bytes B]`` gives a
+tenant its own quotas (a limit left out: the LOWERING_TENANT_MAX_* default);
+``tenants list`` shows them.
 
 ``lowering-service worker --name host-a [--queues cpu]`` runs a worker host of the fleet
 (LOWERING_EXECUTOR=celery on the API): a Celery worker on LOWERING_BROKER_URL with
@@ -154,6 +157,53 @@ def _keys(args: argparse.Namespace) -> int:
         store.close()
 
 
+def _tenants(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import OperationalError
+
+    from app.auth import check_tenant
+    from app.jobs import migrate
+    from app.jobs.store import JobStore
+    from app.settings import Settings
+
+    settings = Settings()
+    try:
+        if args.tenants_command == "set":
+            check_tenant(args.tenant)
+        if settings.database_url is None:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        migrate.prepare(settings.db_url, auto_upgrade=settings.db_url.startswith("sqlite")
+                        or settings.migrate_on_start)
+        store = JobStore(settings.db_url)
+    except ValueError as exc:
+        print(f"lowering-service: {exc}", file=sys.stderr)
+        return 2
+    except (migrate.MigrationError, OperationalError) as exc:
+        print(f"lowering-service: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.tenants_command == "set":
+            store.set_tenant_limits(tenant=args.tenant, max_active_jobs=args.max_active_jobs,
+                                    max_storage_bytes=args.max_storage_bytes)
+        defaults = (settings.tenant_max_active_jobs, settings.tenant_max_storage_bytes)
+        print(f"{'tenant':<20}  {'max active jobs':<16}  max storage bytes")
+        print(f"{'(default)':<20}  {defaults[0] or '-'!s:<16}  {defaults[1] or '-'}")
+        for row in store.all_tenant_limits():
+            if args.tenants_command == "set" and row["name"] != args.tenant:
+                continue
+            active, storage = row["max_active_jobs"], row["max_storage_bytes"]
+            print(f"{row['name']:<20}  {active or '(default)'!s:<16}  {storage or '(default)'}")
+        return 0
+    finally:
+        store.close()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 1 <= port <= 65535:
@@ -180,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     keys_commands.add_parser("list", help="every key, without secrets")
     revoke = keys_commands.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("key_id", metavar="ID", help="the key's id (`keys list`)")
+    tenants = commands.add_parser("tenants", help="per-tenant quotas")
+    tenants_commands = tenants.add_subparsers(dest="tenants_command", required=True)
+    limits = tenants_commands.add_parser("set", help="set a tenant's quotas (left out: "
+                                         "the LOWERING_TENANT_MAX_* default)")
+    limits.add_argument("tenant")
+    limits.add_argument("--max-active-jobs", type=_positive, default=None, metavar="N")
+    limits.add_argument("--max-storage-bytes", type=_positive, default=None, metavar="B")
+    tenants_commands.add_parser("list", help="the default quotas and every tenant's")
     host = commands.add_parser("worker", help="run jobs from the fleet's broker on this host")
     host.add_argument("--name", required=True, help="this host's name (node host-a@<hostname>)")
     host.add_argument("--queues", default=None,
@@ -199,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return _migrate(check_only=args.check)
     if args.command == "keys":
         return _keys(args)
+    if args.command == "tenants":
+        return _tenants(args)
     from app.main import run
 
     run()

@@ -165,11 +165,13 @@ class Settings(BaseSettings):
         "tenant's cache, coalescing and compiled-code reuse see only its own jobs")
     tenant_max_active_jobs: int | None = Field(
         None, ge=1, description="queued and running lowerings one tenant may have; beyond "
-        "it a submit is 429 tenant_quota. Unset: no quota")
+        "it a submit is 429 tenant_quota. Unset: no quota. A tenant's own: `lowering-service "
+        "tenants set`")
     tenant_max_storage_bytes: int | None = Field(
         None, ge=1, description="bytes one tenant may store: its lowerings' inputs and "
         "archives (an archive shared by jobs counts for each) and its resumable uploads; a "
-        "submit or upload that would pass it is 429 tenant_quota. Unset: no quota")
+        "submit or upload that would pass it is 429 tenant_quota. Unset: no quota. A "
+        "tenant's own: `lowering-service tenants set`")
 
     webhook_allow_private: bool = Field(
         False, description="webhooks and callback_urls may target private, loopback and "

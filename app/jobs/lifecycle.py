@@ -142,7 +142,8 @@ class JobLifecycle:
     :param listeners: told about every terminal change.
     :param dispatch: hands a job id to the executor; set once the executor exists.
     :param lease_s: how long a worker's claim on a job holds unless renewed.
-    :param quota: what each tenant may hold, checked at admission.
+    :param quota: what each tenant may hold unless its row in ``tenants`` says otherwise,
+        checked at admission.
     :param share_cache: a cache hit may take another tenant's archive (its bytes only);
         coalescing and compiled-code reuse stay within a tenant regardless.
     """
@@ -163,6 +164,14 @@ class JobLifecycle:
         self.dispatch = dispatch
 
     # -- moves ------------------------------------------------------------------------
+
+    def quota_for(self, tenant: str) -> Quota:
+        """The tenant's quota: its overrides (`lowering-service tenants set`), else the
+        global defaults."""
+        active, storage = self.store.tenant_limits(tenant=tenant)
+        return Quota(max_active_jobs=self.quota.max_active_jobs if active is None else active,
+                     max_storage_bytes=(self.quota.max_storage_bytes if storage is None
+                                        else storage))
 
     def _move(self, job_id: str, *, from_: Sequence[JobStatus], to: JobStatus,
               **fields: Any) -> bool:
@@ -188,7 +197,8 @@ class JobLifecycle:
         key = fields.get("cache_key")
         tenant = fields.get("tenant", DEFAULT_TENANT)
         with self.store.admission_lock():
-            check_storage(self.store, self.quota, tenant=tenant,
+            quota = self.quota_for(tenant)
+            check_storage(self.store, quota, tenant=tenant,
                           adding_bytes=int(fields.get("input_size_bytes") or 0))
             if use_cache and key:
                 hit = self.store.find_by_key(cache_key=key, statuses=[S],
@@ -206,7 +216,7 @@ class JobLifecycle:
                     self._notify(job)
                     metrics.record_cache_hit("result")
                     return Admission(job, must_run=False)
-            check_active(self.store, self.quota, tenant=tenant)  # a follower is active too
+            check_active(self.store, quota, tenant=tenant)  # a follower is active too
             if use_cache and key:
                 leader = self.store.find_by_key(cache_key=key, statuses=ACTIVE, tenant=tenant)
                 if leader is not None:

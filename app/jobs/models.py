@@ -195,3 +195,16 @@ api_keys = Table(
     Index("ux_api_keys_id", "id", unique=True),
     Index("ix_api_keys_tenant", "tenant"),
 )
+
+# Per-tenant quota overrides (0007), set with `lowering-service tenants set`; a NULL
+# limit, or no row, means the global default (LOWERING_TENANT_MAX_*).
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),
+    Column("max_active_jobs", Integer),
+    Column("max_storage_bytes", BigInteger),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ux_tenants_name", "name", unique=True),
+)

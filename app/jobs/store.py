@@ -20,7 +20,7 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_ex
 from app.constants import JobStatus
 from app.errors import ApiErrorCode, ServiceError, ServiceUnavailable, StorageFull
 from app.jobs.failures import out_of_space
-from app.jobs.models import DEFAULT_TENANT, lowerings
+from app.jobs.models import DEFAULT_TENANT, lowerings, tenants
 from app.jobs.models import uploads as uploads_table
 from app.webhooks import outbox
 
@@ -381,6 +381,34 @@ class JobStore:
                 .where(uploads_table.c.status != "failed"))
         with self.engine.connect() as conn:
             return int(conn.execute(jobs).scalar_one()) + int(conn.execute(kept).scalar_one())
+
+    @_as_service_errors
+    def tenant_limits(self, *, tenant: str) -> tuple[int | None, int | None]:
+        """The tenant's quota overrides (max active jobs, max storage bytes); None: the
+        global default."""
+        query = (select(tenants.c.max_active_jobs, tenants.c.max_storage_bytes)
+                 .where(tenants.c.name == tenant))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return (row[0], row[1]) if row is not None else (None, None)
+
+    @_as_service_errors
+    @retry_busy
+    def set_tenant_limits(self, *, tenant: str, max_active_jobs: int | None,
+                          max_storage_bytes: int | None) -> None:
+        """Set (or, with both None, clear) the tenant's quota overrides."""
+        values = {"max_active_jobs": max_active_jobs, "max_storage_bytes": max_storage_bytes,
+                  "updated_at": utcnow()}
+        with self.engine.begin() as conn:
+            if conn.execute(update(tenants).where(tenants.c.name == tenant)
+                            .values(**values)).rowcount == 0:
+                conn.execute(insert(tenants).values(name=tenant, **values))
+
+    @_as_service_errors
+    def all_tenant_limits(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(tenants).order_by(tenants.c.name)).all()
+        return [dict(row._mapping) for row in rows]
 
     def _count(self, where: Any) -> int:
         with self.engine.connect() as conn:

@@ -285,3 +285,15 @@ def test_auth_off_is_tenant_default_with_every_scope(api: Any, linear: Path) -> 
     assert stored["tenant"] == "default"
     assert api.client.get("/metrics").status_code == 200
     assert api.client.get("/v1/webhooks").status_code == 200
+
+
+def test_a_tenants_own_quota_overrides_the_default(
+        make_auth_api: Callable[..., AuthApi], linear: Path) -> None:
+    auth = make_auth_api(tenant_max_active_jobs=3)
+    auth.api.services.store.set_tenant_limits(tenant="acme", max_active_jobs=1,
+                                              max_storage_bytes=None)
+    a, b = auth.as_("a"), auth.as_("b")
+    assert submit(a, linear, model_name="hold_0").status_code == 202
+    assert "=1" in _error(submit(a, linear, model_name="hold_1"), 429, "tenant_quota")
+    assert [submit(b, linear, model_name=f"hold_{n}").status_code for n in range(4)] == [
+        202, 202, 202, 429]

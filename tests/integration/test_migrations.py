@@ -391,7 +391,7 @@ def test_0002_adds_the_profile_to_every_kept_job(db_url: str) -> None:
 
 def test_0007_puts_every_kept_row_in_tenant_default(db_url: str) -> None:
     """Jobs, uploads and webhooks from before keys belong to tenant 'default' (what every
-    request is while LOWERING_AUTH=off), and api_keys starts empty."""
+    request is while LOWERING_AUTH=off), and api_keys and tenants start empty."""
     before = _release_01_database(db_url)
     migrate.upgrade(db_url, to="0006")
     engine = create_engine(db_url)
@@ -408,6 +408,7 @@ def test_0007_puts_every_kept_row_in_tenant_default(db_url: str) -> None:
             tenants = {table: set(conn.execute(text(f"SELECT tenant FROM {table}")).scalars())
                        for table in ("lowerings", "uploads", "webhooks")}
             keys = conn.execute(text("SELECT count(*) FROM api_keys")).scalar_one()
+            keys += conn.execute(text("SELECT count(*) FROM tenants")).scalar_one()
     finally:
         engine.dispose()
     assert tenants == {"lowerings": {"default"}, "uploads": {"default"},

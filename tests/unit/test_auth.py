@@ -161,3 +161,25 @@ def test_cli_keys_create_list_revoke(tmp_path: Path, monkeypatch: pytest.MonkeyP
             KeyStore(store.engine, PEPPER).authenticate(f"Bearer {key}")
     finally:
         store.close()
+
+
+def test_cli_tenants_set_and_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LOWERING_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("LOWERING_DATABASE_URL", raising=False)
+    monkeypatch.setenv("LOWERING_TENANT_MAX_ACTIVE_JOBS", "7")
+    assert cli.main(["tenants", "set", "acme", "--max-storage-bytes", "1000"]) == 0
+    assert cli.main(["tenants", "set", "globex", "--max-active-jobs", "2"]) == 0
+    assert cli.main(["tenants", "set", "bad/name"]) == 2
+    capsys.readouterr()
+    assert cli.main(["tenants", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["(default)", "7", "-"]
+    assert lines[2].split() == ["acme", "(default)", "1000"]
+    assert lines[3].split() == ["globex", "2", "(default)"]
+    store = JobStore(Settings().db_url)
+    try:
+        assert store.tenant_limits(tenant="acme") == (None, 1000)
+        assert store.tenant_limits(tenant="nobody") == (None, None)
+    finally:
+        store.close()

@@ -142,8 +142,8 @@ async def create_lowering(
     if waiting >= settings.max_queued:
         raise _queue_full(waiting, settings)
     try:
-        await to_thread.run_sync(lambda: check_active(store, lifecycle.quota,
-                                                      tenant=principal.tenant))
+        await to_thread.run_sync(lambda: check_active(
+            store, lifecycle.quota_for(principal.tenant), tenant=principal.tenant))
     except QuotaExceeded as exc:
         raise _over_quota(exc) from None
     declared = request.headers.get("content-length")

@@ -152,7 +152,7 @@ async def create_upload(body: UploadCreate, settings: SettingsDep, store: StoreD
                               f"{settings.max_upload_bytes} bytes (LOWERING_MAX_UPLOAD_BYTES)")
     status, public = await to_thread.run_sync(
         lambda: _create(records, store, uploads, settings, body, tenant=principal.tenant,
-                        quota=lifecycle.quota))
+                        quota=lifecycle.quota_for(principal.tenant)))
     headers = {"Location": f"/v1/uploads/{public['id']}"}
     return JSONResponse(public, status_code=status, headers=headers)
 

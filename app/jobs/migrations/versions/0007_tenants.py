@@ -1,4 +1,5 @@
-"""Keys and tenants: api_keys, and a tenant on every job, upload and webhook.
+"""Keys and tenants: api_keys, tenants (quota overrides), and a tenant on every job,
+upload and webhook.
 
 Revision ID: 0007
 Revises: 0006
@@ -45,9 +46,20 @@ def upgrade() -> None:
     )
     op.create_index("ux_api_keys_id", "api_keys", ["id"], unique=True)
     op.create_index("ix_api_keys_tenant", "api_keys", ["tenant"])
+    op.create_table(
+        "tenants",
+        sa.Column("seq", sa.Integer(), primary_key=True, autoincrement=True),
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("max_active_jobs", sa.Integer(), nullable=True),
+        sa.Column("max_storage_bytes", sa.BigInteger(), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_index("ux_tenants_name", "tenants", ["name"], unique=True)
 
 
 def downgrade() -> None:
+    op.drop_index("ux_tenants_name", table_name="tenants")
+    op.drop_table("tenants")
     op.drop_index("ix_api_keys_tenant", table_name="api_keys")
     op.drop_index("ux_api_keys_id", table_name="api_keys")
     op.drop_table("api_keys")
