@@ -371,14 +371,15 @@ class JobStore:
     def stored_bytes(self, *, tenant: str) -> int:
         """What the tenant keeps: its jobs' inputs and archives (an archive shared by
         several jobs counts for each: it is what deleting them all would free) and its
-        resumable uploads that are not failed (one still receiving counts its declared
-        size: the room it will take)."""
+        resumable uploads that are not failed or expired (one still receiving counts its
+        declared size: the room it will take)."""
         jobs = select(func.coalesce(func.sum(lowerings.c.input_size_bytes), 0)
                       + func.coalesce(func.sum(lowerings.c.artifact_size_bytes), 0)
                       ).where(lowerings.c.tenant == tenant)
         kept = (select(func.coalesce(func.sum(uploads_table.c.size_bytes), 0))
                 .where(uploads_table.c.tenant == tenant)
-                .where(uploads_table.c.status != "failed"))
+                .where(uploads_table.c.status != "failed")
+                .where(uploads_table.c.expires_at > utcnow()))
         with self.engine.connect() as conn:
             return int(conn.execute(jobs).scalar_one()) + int(conn.execute(kept).scalar_one())
 
