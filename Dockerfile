@@ -3,8 +3,9 @@
 # --name cpu`) and the one-shot `lowering-service migrate`; see docker-compose.yml.
 #   docker build -t lowering-service .                                   (CPU torch)
 #   docker build --build-arg TORCH_INDEX=cu130 -t lowering-service:cuda .  (a GPU worker host)
-#   docker run -p 8000:8000 -v lowering-data:/data \
+#   docker run -p 8000:8000 -v lowering-data:/data -e LOWERING_AUTH=off \
 #     --security-opt seccomp=unconfined --security-opt apparmor=unconfined lowering-service
+# (it binds 0.0.0.0: it refuses to start until LOWERING_AUTH says required (keys) or off)
 FROM python:3.11-slim
 
 # Which PyTorch wheel index torch comes from: cpu keeps the CUDA wheels (several GB) out of
