@@ -33,6 +33,11 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.jobs.store import JobStore
+    from app.settings import Settings
 
 
 def _sandbox_run(cmd: list[str]) -> int:
@@ -99,12 +104,29 @@ def _when(value: datetime.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-def _keys(args: argparse.Namespace) -> int:
+def _open_store(settings: Settings) -> JobStore | int:
+    """The job database, as the service opens it (the embedded SQLite one migrates itself,
+    a shared one must be at head), or the exit status after saying why it cannot be."""
     from sqlalchemy.exc import OperationalError
 
-    from app.auth import KeyStore, check_tenant, parse_scopes
     from app.jobs import migrate
     from app.jobs.store import JobStore
+
+    try:
+        if settings.database_url is None:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        migrate.prepare(settings.db_url, auto_upgrade=settings.db_url.startswith("sqlite")
+                        or settings.migrate_on_start)
+        return JobStore(settings.db_url)
+    except migrate.MigrationError as exc:
+        print(f"lowering-service: {exc}", file=sys.stderr)
+    except OperationalError as exc:
+        print(f"lowering-service: cannot open the job database: {exc.orig}", file=sys.stderr)
+    return 1
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from app.auth import KeyStore, check_tenant, parse_scopes
     from app.settings import Settings
 
     settings = Settings()
@@ -117,21 +139,12 @@ def _keys(args: argparse.Namespace) -> int:
                 print("lowering-service: LOWERING_AUTH_PEPPER is not set: keys are hashed "
                       "with it (set the same one the service runs with)", file=sys.stderr)
                 return 1
-        if settings.database_url is None:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-        # Like the service: the embedded database migrates itself, a shared one must be.
-        migrate.prepare(settings.db_url, auto_upgrade=settings.db_url.startswith("sqlite")
-                        or settings.migrate_on_start)
-        store = JobStore(settings.db_url)
     except ValueError as exc:
         print(f"lowering-service: {exc}", file=sys.stderr)
         return 2
-    except migrate.MigrationError as exc:
-        print(f"lowering-service: {exc}", file=sys.stderr)
-        return 1
-    except OperationalError as exc:
-        print(f"lowering-service: cannot open the job database: {exc.orig}", file=sys.stderr)
-        return 1
+    store = _open_store(settings)
+    if isinstance(store, int):
+        return store
     try:
         keys = KeyStore(store.engine, pepper)
         if args.keys_command == "create":
@@ -158,28 +171,19 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _tenants(args: argparse.Namespace) -> int:
-    from sqlalchemy.exc import OperationalError
-
     from app.auth import check_tenant
-    from app.jobs import migrate
-    from app.jobs.store import JobStore
     from app.settings import Settings
 
     settings = Settings()
     try:
         if args.tenants_command == "set":
             check_tenant(args.tenant)
-        if settings.database_url is None:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-        migrate.prepare(settings.db_url, auto_upgrade=settings.db_url.startswith("sqlite")
-                        or settings.migrate_on_start)
-        store = JobStore(settings.db_url)
     except ValueError as exc:
         print(f"lowering-service: {exc}", file=sys.stderr)
         return 2
-    except (migrate.MigrationError, OperationalError) as exc:
-        print(f"lowering-service: {exc}", file=sys.stderr)
-        return 1
+    store = _open_store(settings)
+    if isinstance(store, int):
+        return store
     try:
         if args.tenants_command == "set":
             store.set_tenant_limits(tenant=args.tenant, max_active_jobs=args.max_active_jobs,
