@@ -201,7 +201,10 @@ class ErrorBody(BaseModel):
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True,
           "false": False, "0": False, "no": False, "off": False}
 # A blank optional field means its default (an HTML form sends every input, empty or not).
-_BLANK_IS_DEFAULT = ("options", "verify", "rtol", "atol", "callback_url")
+_BLANK_IS_DEFAULT = ("options", "verify", "rtol", "atol", "callback_url", "targets")
+MAX_TARGETS = 8
+"""The most targets one submit may name (``targets``)."""
+_TARGET_KEYS = frozenset({"device", "options"})
 
 
 def _form_bool(value: Any) -> Any:
@@ -223,6 +226,27 @@ def _form_options(value: Any) -> Any:
         raise PydanticCustomError(exc.code.value, "{message}", {"message": exc.message}) from None
     except (TypeError, ValueError):
         raise PydanticCustomError("invalid_parameter", "options must be a JSON object") from None
+
+
+def _form_targets(value: Any) -> Any:
+    """The JSON text (or a list, from Python): 1 to MAX_TARGETS objects of ``device`` and/or
+    ``options``. Their values are checked as the form's own fields are (api/submit.py)."""
+    def refuse(message: str) -> PydanticCustomError:
+        return PydanticCustomError("invalid_parameter", "{message}", {"message": message})
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise refuse("targets must be a JSON array of objects") from None
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_TARGETS:
+        raise refuse(f"targets must be a JSON array of 1 to {MAX_TARGETS} objects")
+    for index, target in enumerate(value):
+        if not isinstance(target, dict) or not target or set(target) - _TARGET_KEYS:
+            raise refuse(f"targets[{index}] must be an object with 'device' and/or 'options'")
+        if not isinstance(target.get("options", {}), dict):
+            raise refuse(f"targets[{index}].options must be a JSON object")
+    return value
 
 
 def _form_callback(value: Any) -> Any:
@@ -253,6 +277,9 @@ class LoweringCreate(BaseModel):
     :param verify: compare the archive's runner with the original program.
     :param rtol: relative tolerance of that comparison; None: the service's default.
     :param atol: absolute tolerance; None: the service's default.
+    :param callback_url: told of the job's final status.
+    :param targets: several targets, one job each, sharing the upload: each object sets
+        ``device`` and/or ``options`` (merged over ``options``); None: the one target above.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -275,6 +302,12 @@ class LoweringCreate(BaseModel):
     callback_url: Annotated[str | None, BeforeValidator(_form_callback)] = Field(
         None, max_length=2048, description="an http(s) URL told of the job's final status "
         "like a webhook (the same signed body; see /v1/webhooks); optional")
+    targets: Annotated[list[dict[str, Any]] | None, BeforeValidator(_form_targets),
+                       WithJsonSchema({"type": "string", "description": (
+                           f"a JSON array of 1 to {MAX_TARGETS} objects, each setting device "
+                           "and/or options (merged over options): one job per target, all "
+                           "sharing the upload; answered 202 with {\"lowerings\": [...]}")})] = (
+        Field(None, description="several targets; optional"))
 
     @model_validator(mode="before")
     @classmethod
@@ -285,8 +318,10 @@ class LoweringCreate(BaseModel):
             key in _BLANK_IS_DEFAULT and isinstance(value, str) and not value.strip())}
 
     def as_fields(self) -> dict[str, Any]:
-        """The job record's fields this form sets (callback_url only when given)."""
-        return self.model_dump(exclude={"callback_url"} if self.callback_url is None else None)
+        """The job record's fields this form sets (callback_url only when given; targets
+        are resolved into one form each by api/submit.py)."""
+        return self.model_dump(exclude={"targets"} | (
+            {"callback_url"} if self.callback_url is None else set()))
 
 
 # -- resumable uploads (/v1/uploads) ----------------------------------------------------

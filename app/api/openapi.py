@@ -1,8 +1,8 @@
 """OpenAPI additions, generated from the models and the error registry.
 
 FORM_SCHEMA is the submit route's multipart body (parsed by hand, so FastAPI cannot see
-it): LoweringCreate's fields plus the ``program`` file or the ``upload`` that names a ready
-resumable upload (one of the two). SUBMIT_RESPONSES is what that
+it): LoweringCreate's fields (``targets`` among them) plus the ``program`` file or the
+``upload`` that names a ready resumable upload (one of the two). SUBMIT_RESPONSES is what that
 route answers; ERROR_RESPONSES the error statuses of every other route.
 """
 
@@ -87,7 +87,8 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     202: {
         "model": LoweringPublic,
         "description": "queued; with ?wait, still queued or running when the wait ran out. "
-        "Location names the job",
+        "Location names the job. With targets: {\"lowerings\": [job, ...]}, one job per "
+        "target in their order, and no Location (?wait is refused with targets)",
         "headers": {"Location": {"description": "/v1/lowerings/{id}",
                                  "schema": {"type": "string"}}},
     },

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
+from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
@@ -23,13 +25,14 @@ _RULES: dict[str, tuple[ApiErrorCode, str]] = {
                "must be true or false (or 1/0, yes/no, on/off)"),
     "rtol": (ApiErrorCode.INVALID_PARAMETER, "must be a finite number >= 0"),
     "atol": (ApiErrorCode.INVALID_PARAMETER, "must be a finite number >= 0"),
+    "targets": (ApiErrorCode.INVALID_PARAMETER, "must be a JSON array of objects"),
 }
 _SHOWN = {"model_name", "backend_id", "device"}  # fields whose refused value the message repeats
 _CODES = frozenset(code.value for code in ApiErrorCode)
 
 
 def parse_form(
-    fields: Mapping[str, str], *, settings: Settings, cuda_devices: int | None,
+    fields: Mapping[str, Any], *, settings: Settings, cuda_devices: int | None,
     check_device: bool = True,
 ) -> LoweringCreate:
     """Validate the form fields; ``cuda_devices`` is None when the host is not probed yet.
@@ -49,6 +52,33 @@ def parse_form(
     })
 
 
+def parse_targets(
+    fields: Mapping[str, Any], *, settings: Settings, cuda_devices: int | None,
+    check_device: bool = True,
+) -> list[LoweringCreate]:
+    """One form per target, in order: the form itself when it names no ``targets``; else
+    the form with each target's device and options (merged over the form's), each checked
+    as parse_form checks one (its refusal names ``targets[i]``). A repeated target, or
+    any bad one, refuses the whole form."""
+    check = partial(parse_form, settings=settings, cuda_devices=cuda_devices,
+                    check_device=check_device)
+    form = check(fields)
+    if form.targets is None:
+        return [form]
+    base = {name: value for name, value in fields.items() if name != "targets"}
+    resolved: list[LoweringCreate] = []
+    for index, target in enumerate(form.targets):
+        one = {**base, "device": target.get("device", form.device),
+               "options": {**form.options, **target.get("options", {})}}
+        try:
+            params = check(one)
+        except Unprocessable as exc:
+            raise Unprocessable(f"targets[{index}]: {exc.message}", code=exc.code) from None
+        if params in resolved:
+            raise Unprocessable(f"targets[{index}] repeats targets[{resolved.index(params)}] "
+                                "(same device and options); name each target once")
+        resolved.append(params)
+    return resolved
 
 
 def _unprocessable(errors: list[ErrorDetails]) -> Unprocessable:

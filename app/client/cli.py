@@ -44,6 +44,20 @@ def _option(text: str) -> tuple[str, Any]:
         return key, raw
 
 
+def _target(text: str) -> dict[str, Any]:
+    """DEVICE[:KEY=VALUE[,KEY=VALUE...]], e.g. cpu:cpp.march=x86-64-v3, cuda:0, cuda."""
+    device, sep, rest = text.partition(":")
+    if sep and "=" not in rest.partition(":")[0]:  # cuda:N, then maybe :KEY=VALUE,...
+        index, _, rest = rest.partition(":")
+        device = f"{device}:{index}"
+    if not device:
+        raise argparse.ArgumentTypeError(f"expected DEVICE[:KEY=VALUE,...], got {text!r}")
+    target: dict[str, Any] = {"device": device}
+    if rest:
+        target["options"] = dict(_option(pair) for pair in rest.split(","))
+    return target
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; built per call so LOWERING_URL is read when lowerctl runs."""
     parser = argparse.ArgumentParser(prog="lowerctl", description=__doc__,
@@ -89,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="absolute tolerance of verification (default: the server's)")
     submit.add_argument("--callback-url", default=FORM["callback_url"].default, metavar="URL",
                         help="tell this URL the job's outcome (a signed webhook delivery)")
+    submit.add_argument("--target", dest="targets", type=_target, action="append",
+                        default=FORM["targets"].default, metavar="DEVICE[:KEY=VALUE,...]",
+                        help="one job per --target, sharing the upload; its options are "
+                        "merged over --option (e.g. --target cpu:cpp.march=x86-64-v3 "
+                        "--target cuda); prints the list of jobs")
     submit.add_argument("--wait", action="store_true", help="wait until the job ends")
     submit.add_argument("-o", "--output", type=Path, metavar="OUT",
                         help="download the artifact here once it succeeds (implies --wait)")
@@ -215,6 +234,8 @@ def _submit(client: LoweringClient, args: argparse.Namespace, err: Console) -> i
     form = {"model_name": args.model_name, "backend_id": args.backend_id,
             "device": args.device, "options": dict(args.options), "verify": args.verify,
             "rtol": args.rtol, "atol": args.atol, "callback_url": args.callback_url}
+    if args.targets is not None:
+        return _submit_targets(client, args, form, err)
     if args.upload is not None:
         job = client.submit_upload(args.upload, **form)
     else:
@@ -228,6 +249,22 @@ def _submit(client: LoweringClient, args: argparse.Namespace, err: Console) -> i
     if job.get("status") == JobStatus.SUCCEEDED.value and args.output is not None:
         _say(err, f"saved {client.download(job['id'], args.output)}")
     return _verdict(job, err)
+
+
+def _submit_targets(client: LoweringClient, args: argparse.Namespace, form: dict[str, Any],
+                    err: Console) -> int:
+    if args.wait or args.output:
+        _say(err, "error: --wait and -o take one target; follow each job with "
+             "lowerctl wait ID", "red")
+        return EXIT_ERROR
+    if args.upload is not None:
+        jobs = client.submit_upload(args.upload, **form, targets=args.targets)
+    else:
+        if args.resumable:
+            client.resumable_threshold_bytes = 0
+        jobs = client.submit(args.file, **form, targets=args.targets)
+    print(json.dumps(jobs, indent=2))
+    return EXIT_OK
 
 
 def _upload(client: LoweringClient, args: argparse.Namespace, err: Console) -> int:

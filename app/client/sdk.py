@@ -18,7 +18,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 from urllib.parse import quote
 
 import httpx
@@ -56,7 +56,8 @@ def _etag_sha256(response: httpx.Response) -> str | None:
 
 def _form(*, model_name: str, backend_id: str, device: str, options: dict[str, Any] | None,
           verify: bool, rtol: float | None, atol: float | None,
-          callback_url: str | None = None) -> dict[str, str]:
+          callback_url: str | None = None,
+          targets: list[dict[str, Any]] | None = None) -> dict[str, str]:
     fields = {
         "model_name": model_name,
         "backend_id": backend_id,
@@ -71,7 +72,14 @@ def _form(*, model_name: str, backend_id: str, device: str, options: dict[str, A
         fields["atol"] = repr(float(atol))
     if callback_url is not None:
         fields["callback_url"] = callback_url
+    if targets is not None:
+        fields["targets"] = json.dumps(targets)
     return fields
+
+
+def _submitted(body: Job) -> Job | list[Job]:
+    """A submit's answer: the job, or (a submit with targets) the list of its jobs."""
+    return list(body["lowerings"]) if "lowerings" in body else body
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,22 @@ class LoweringClient:
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         return check(self._http.request(method, url, **kwargs))
 
+    @overload
+    def submit(
+        self, path: str | os.PathLike[str], *, model_name: str, backend_id: str = ...,
+        device: str = ..., options: dict[str, Any] | None = ..., verify: bool = ...,
+        rtol: float | None = ..., atol: float | None = ..., callback_url: str | None = ...,
+        targets: None = ...,
+    ) -> Job: ...
+
+    @overload
+    def submit(
+        self, path: str | os.PathLike[str], *, model_name: str, backend_id: str = ...,
+        device: str = ..., options: dict[str, Any] | None = ..., verify: bool = ...,
+        rtol: float | None = ..., atol: float | None = ..., callback_url: str | None = ...,
+        targets: list[dict[str, Any]],
+    ) -> list[Job]: ...
+
     def submit(
         self,
         path: str | os.PathLike[str],
@@ -205,16 +229,19 @@ class LoweringClient:
         rtol: float | None = FORM["rtol"].default,
         atol: float | None = FORM["atol"].default,
         callback_url: str | None = FORM["callback_url"].default,
-    ) -> Job:
+        targets: list[dict[str, Any]] | None = FORM["targets"].default,
+    ) -> Job | list[Job]:
         """Upload a ``.pt2`` program and return the queued job (HTTP 202).
 
         The keywords are the form's fields (``app.schemas.LoweringCreate``); a tolerance
         left as None is the server's default (``/v1/info`` verification). A program of
         ``resumable_threshold_bytes`` or more goes as a resumable upload (``upload``).
+        ``targets`` (each a dict of ``device`` and/or ``options``, merged over ``options``):
+        one job per target, sharing the upload; the list of jobs is returned, in order.
         """
         fields = _form(model_name=model_name, backend_id=backend_id, device=device,
                        options=options, verify=verify, rtol=rtol, atol=atol,
-                       callback_url=callback_url)
+                       callback_url=callback_url, targets=targets)
         path = Path(path)
         threshold = self.resumable_threshold_bytes
         if threshold is not None and path.stat().st_size >= threshold:
@@ -226,7 +253,22 @@ class LoweringClient:
         with path.open("rb") as program:
             files = {"program": (path.name, program, "application/zip")}
             response = self._request("POST", "/v1/lowerings", data=fields, files=files)
-        return response.json()
+        return _submitted(response.json())
+
+    @overload
+    def submit_upload(
+        self, upload: str, *, model_name: str, backend_id: str = ..., device: str = ...,
+        options: dict[str, Any] | None = ..., verify: bool = ..., rtol: float | None = ...,
+        atol: float | None = ..., callback_url: str | None = ..., targets: None = ...,
+    ) -> Job: ...
+
+    @overload
+    def submit_upload(
+        self, upload: str, *, model_name: str, backend_id: str = ..., device: str = ...,
+        options: dict[str, Any] | None = ..., verify: bool = ..., rtol: float | None = ...,
+        atol: float | None = ..., callback_url: str | None = ...,
+        targets: list[dict[str, Any]],
+    ) -> list[Job]: ...
 
     def submit_upload(
         self,
@@ -240,17 +282,20 @@ class LoweringClient:
         rtol: float | None = FORM["rtol"].default,
         atol: float | None = FORM["atol"].default,
         callback_url: str | None = FORM["callback_url"].default,
-    ) -> Job:
-        """Queue the lowering of a ready upload, named by its id or ``sha256:<hex>``."""
+        targets: list[dict[str, Any]] | None = FORM["targets"].default,
+    ) -> Job | list[Job]:
+        """Queue the lowering of a ready upload, named by its id or ``sha256:<hex>``
+        (with ``targets``, one job per target, as ``submit``)."""
         return self._submit_form(_form(model_name=model_name, backend_id=backend_id,
                                        device=device, options=options, verify=verify,
-                                       rtol=rtol, atol=atol, callback_url=callback_url),
+                                       rtol=rtol, atol=atol, callback_url=callback_url,
+                                       targets=targets),
                                   upload)
 
-    def _submit_form(self, fields: dict[str, str], upload: str) -> Job:
+    def _submit_form(self, fields: dict[str, str], upload: str) -> Job | list[Job]:
         # A multipart body without a file, as the form is: (None, value) is a plain field.
         parts = {name: (None, value) for name, value in {**fields, "upload": upload}.items()}
-        return self._request("POST", "/v1/lowerings", files=parts).json()
+        return _submitted(self._request("POST", "/v1/lowerings", files=parts).json())
 
     def upload(self, path: str | os.PathLike[str], *,
                on_part: Callable[[int, int], None] | None = None) -> Job | None:

@@ -622,3 +622,64 @@ def test_cli_no_events_polls(events_service: EventsService,
     out, err = capsys.readouterr()
     assert code == 0 and json.loads(out)["status"] == "succeeded"
     assert events_service.connections == [] and "running: lower" in err
+
+
+# --- several targets (the form's ``targets``) --------------------------------------------
+
+class TargetsService:
+    """Answers a submit as the service does: one job per target, through its own parser."""
+
+    def __init__(self) -> None:
+        self.fields: list[dict[str, str]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        from app.api.submit import parse_targets
+
+        fields, _ = _multipart(request)
+        self.fields.append(fields)
+        fields.pop("upload", None)
+        try:
+            forms = parse_targets(fields, settings=Settings(), cuda_devices=1)
+        except ServiceError as exc:
+            return _error(exc.status, exc.code, exc.message)
+        jobs = [{"id": f"job{n}", "status": "queued", **form.as_fields()}
+                for n, form in enumerate(forms)]
+        return httpx.Response(202, json={"lowerings": jobs} if "targets" in fields else jobs[0])
+
+
+def test_submit_with_targets_returns_the_list_of_jobs(program: Path) -> None:
+    service = TargetsService()
+    with LoweringClient(transport=httpx.MockTransport(service)) as client:
+        jobs = client.submit(program, model_name="m", options={"freezing": True}, targets=[
+            {"options": {"cpp.march": "x86-64-v2"}}, {"device": "cuda"}])
+        assert [(job["device"], job["options"]) for job in jobs] == [
+            ("cpu", {"freezing": True, "cpp.march": "x86-64-v2"}),
+            ("cuda", {"freezing": True})]
+        assert client.submit_upload("0" * 32, model_name="m", targets=[{"device": "cpu"}])[0][
+            "id"] == "job0"
+        assert client.submit(program, model_name="m")["id"] == "job0"  # no targets: the job
+        assert "targets" not in service.fields[-1]
+        with pytest.raises(LoweringAPIError) as refused:
+            client.submit(program, model_name="m",
+                          targets=[{"device": "cpu"}, {"device": "cpu"}])
+    assert refused.value.code == "invalid_parameter"
+    assert "targets[1] repeats targets[0]" in str(refused.value)
+
+
+def test_cli_target_flags_become_the_targets_field(lowerctl: Run, program: Path) -> None:
+    service = TargetsService()
+    code, out, _ = lowerctl("submit", str(program), "--model-name", "m",
+                            "--option", "freezing=true",
+                            "--target", "cpu:cpp.march=x86-64-v2",
+                            "--target", "cpu:cpp.march=x86-64-v3,max_autotune=true",
+                            "--target", "cuda:0", "--target", "cuda",
+                            transport=httpx.MockTransport(service))
+    assert code == 0, out
+    assert json.loads(service.fields[0]["targets"]) == [
+        {"device": "cpu", "options": {"cpp.march": "x86-64-v2"}},
+        {"device": "cpu", "options": {"cpp.march": "x86-64-v3", "max_autotune": True}},
+        {"device": "cuda:0"}, {"device": "cuda"}]
+    assert [job["device"] for job in json.loads(out)] == ["cpu", "cpu", "cuda:0", "cuda"]
+    code, _, err = lowerctl("submit", str(program), "--model-name", "m", "--target", "cpu",
+                            "--wait", transport=httpx.MockTransport(service))
+    assert code != 0 and "one target" in err and len(service.fields) == 1

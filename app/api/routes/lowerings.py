@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from anyio import to_thread
@@ -34,7 +36,7 @@ from app.api.deps import (
     UploadsDep,
 )
 from app.api.openapi import ERROR_RESPONSES, FORM_SCHEMA, SUBMIT_RESPONSES
-from app.api.submit import parse_form
+from app.api.submit import parse_targets
 from app.constants import NAME_PATTERN, JobStatus
 from app.errors import (
     ApiErrorCode,
@@ -49,12 +51,18 @@ from app.errors import (
 )
 from app.jobs.cache_key import cache_key, code_key
 from app.jobs.failures import out_of_space
-from app.jobs.lifecycle import QueueFull, QuotaExceeded, check_active, unknown_job
+from app.jobs.lifecycle import (
+    JobLifecycle,
+    QueueFull,
+    QuotaExceeded,
+    check_active,
+    unknown_job,
+)
 from app.jobs.store import JobFields, JobRecord, JobStore
 from app.logs import JOB_ID
 from app.schemas import LoweringPublic, LoweringsPublic
 from app.settings import Settings
-from app.storage.base import ArtifactStore
+from app.storage.base import ArtifactStore, UploadStore
 from app.storage.reserve import release_reserve
 from app.storage.resumable import UploadRecords, take
 from app.storage.uploads import receive_form
@@ -159,26 +167,33 @@ async def create_lowering(
     if form.file_path is not None:
         metrics.record_upload_bytes(form.size_bytes, via="submit")
     started = time.monotonic()  # "validate" times the checks, not the client's upload
-    job_id = uuid.uuid4().hex
-    JOB_ID.set(job_id)  # this request's log lines name the job (reset by the middleware)
+    job_ids: list[str] = []
     try:
         # A fleet queues a job for a target no live host serves (its phase says so); a
         # host that runs its own jobs refuses a device it does not have.
         # A ready resumable upload (POST /v1/uploads), by id or "sha256:<hex>".
         upload_name = form.fields.pop("upload", None)
+        several = bool(form.fields.get("targets", "").strip())  # answered as a list
         cuda = executor.toolchain.get("cuda_devices", 0) if executor.toolchain else None
-        params = parse_form(form.fields, settings=settings, cuda_devices=cuda,
-                            check_device=executor.runs_jobs_here)
+        targets = parse_targets(form.fields, settings=settings, cuda_devices=cuda,
+                                check_device=executor.runs_jobs_here)
+        if several and wait is not None:
+            raise Unprocessable("?wait takes a submit without 'targets'; follow each of the "
+                                "jobs instead (GET /v1/lowerings/{id}/events)")
+        params = targets[0]
         await to_thread.run_sync(lambda: check_callback(
             params.callback_url, secret=settings.webhook_callback_secret,
             allow_private=settings.webhook_allow_private))
+        job_ids = [uuid.uuid4().hex for _ in targets]  # one job, and one input, per target
+        JOB_ID.set(job_ids[0])  # this request's log lines name the job (reset by the middleware)
         if upload_name is not None:
             if form.file_path is not None:
                 raise Unprocessable("send the program file or name an upload, not both")
-            # Gated when it was completed: its gate copy becomes this job's input.
-            ready = await to_thread.run_sync(lambda: take(
-                UploadRecords(store.engine), uploads, upload_name, job_id=job_id,
-                ttl_s=settings.upload_ttl_s, tenant=principal.tenant))
+            # Gated when it was completed: a copy of its gate copy becomes each job's input.
+            for job_id in job_ids:
+                ready = await to_thread.run_sync(partial(
+                    take, UploadRecords(store.engine), uploads, upload_name, job_id=job_id,
+                    ttl_s=settings.upload_ttl_s, tenant=principal.tenant))
             input_sha256, input_size_bytes = str(ready["sha256"]), ready["size_bytes"]
             structure_sha256 = str(ready["structure_sha256"])
         elif form.file_path is None:
@@ -192,41 +207,46 @@ async def create_lowering(
             try:
                 report = await run_gate(form.file_path, staged, settings.archive_limits(),
                                         settings.gate_resources())
-                await to_thread.run_sync(uploads.commit, job_id, staged)
+                await to_thread.run_sync(uploads.commit, job_ids[0], staged)
             finally:
                 staged.unlink(missing_ok=True)
+            await to_thread.run_sync(_copy_input, uploads, job_ids[0], job_ids[1:])
             input_sha256, input_size_bytes = form.sha256, form.size_bytes
             structure_sha256 = report.structure_sha256
+    except BaseException:
+        for job_id in job_ids:
+            uploads.remove(job_id)
+        raise
     finally:
         form.discard()
-    fields: JobFields = {
-        "id": job_id, "tenant": principal.tenant, "input_sha256": input_sha256,
-        "input_size_bytes": input_size_bytes,
-        "timings": {"validate": round(time.monotonic() - started, 4)},
-        **params.as_fields(),  # type: ignore[typeddict-item]
-    }
-    # The toolchain of the host class that will build it: the keys' and the route's.
-    toolchain = executor.toolchain_for(params.device)
-    fields["toolchain"] = toolchain
-    if settings.cache and toolchain is not None:
-        fields["cache_key"] = cache_key(input_sha256=input_sha256, params=params.as_fields(),
-                                        toolchain=toolchain)
-        if cache == "use":  # bypass: compiled afresh, so it neither takes nor gives code
-            fields["code_key"] = code_key(structure_sha256=structure_sha256,
-                                          params=params.as_fields(), toolchain=toolchain)
+    validate_s = round(time.monotonic() - started, 4)
+    batch: list[JobFields] = []
+    for job_id, target in zip(job_ids, targets, strict=True):
+        fields: JobFields = {
+            "id": job_id, "tenant": principal.tenant, "input_sha256": input_sha256,
+            "input_size_bytes": input_size_bytes, "timings": {"validate": validate_s},
+            **target.as_fields(),  # type: ignore[typeddict-item]
+        }
+        # The toolchain of the host class that will build it: the keys' and the route's.
+        toolchain = executor.toolchain_for(target.device)
+        fields["toolchain"] = toolchain
+        if settings.cache and toolchain is not None:
+            fields["cache_key"] = cache_key(input_sha256=input_sha256,
+                                            params=target.as_fields(), toolchain=toolchain)
+            if cache == "use":  # bypass: compiled afresh, so it neither takes nor gives code
+                fields["code_key"] = code_key(structure_sha256=structure_sha256,
+                                              params=target.as_fields(), toolchain=toolchain)
+        batch.append(fields)
     try:
-        admission = await to_thread.run_sync(lambda: lifecycle.admit(
-            fields, use_cache=cache == "use", max_waiting=settings.max_queued))
+        jobs = await to_thread.run_sync(lambda: _admit_all(
+            lifecycle, uploads, batch, use_cache=cache == "use", max_waiting=settings.max_queued))
     except QueueFull as full:
-        uploads.remove(job_id)
         raise _queue_full(full.waiting, settings) from None
     except QuotaExceeded as exc:
-        uploads.remove(job_id)
         raise _over_quota(exc) from None
-    except BaseException:
-        uploads.remove(job_id)
-        raise
-    job = admission.job
+    if several:
+        return JSONResponse({"lowerings": [_public(job) for job in jobs]}, status_code=202)
+    job, job_id = jobs[0], job_ids[0]
     if wait is not None:
         job = await _wait_final(request, store, job_id, principal.tenant,
                                 min(wait, settings.max_wait_s))
@@ -236,6 +256,39 @@ async def create_lowering(
             return _ended(job)
     return JSONResponse(_public(job), status_code=202,
                         headers={"Location": f"/v1/lowerings/{job_id}"})
+
+
+def _copy_input(uploads: UploadStore, source_id: str, job_ids: list[str]) -> None:
+    """Each of ``job_ids`` gets its own copy of ``source_id``'s input (deleting one job
+    never touches another's)."""
+    for job_id in job_ids:
+        staged = uploads.staging_path()
+        try:
+            uploads.materialize(source_id, staged, share=False)
+            uploads.commit(job_id, staged)
+        finally:
+            staged.unlink(missing_ok=True)
+
+
+def _admit_all(lifecycle: JobLifecycle, uploads: UploadStore, batch: list[JobFields], *,
+               use_cache: bool, max_waiting: int) -> list[JobRecord]:
+    """Admit each job in order, all or none: when one is refused (queue full, quota), the
+    ones admitted before it are cancelled and deleted, and the inputs of the rest removed."""
+    jobs: list[JobRecord] = []
+    try:
+        for fields in batch:
+            jobs.append(lifecycle.admit(fields, use_cache=use_cache,
+                                        max_waiting=max_waiting).job)
+    except BaseException:
+        for job in jobs:
+            with contextlib.suppress(ServiceError):  # a cache hit is final already
+                lifecycle.cancel(job["id"])
+            with contextlib.suppress(ServiceError):
+                lifecycle.delete(job["id"])
+        for fields in batch[len(jobs):]:
+            uploads.remove(fields["id"])
+        raise
+    return jobs
 
 
 def _ended(job: JobRecord) -> JSONResponse:
