@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from app.constants import LOWERING_VERSION
@@ -31,13 +32,14 @@ def cache_key(*, input_sha256: str, params: dict[str, Any], toolchain: dict[str,
         "options": options,
         # verification results are written into the archive's provenance
         "verify": params["verify"], "rtol": params["rtol"], "atol": params["atol"],
-        **_target(params, toolchain),
+        **build_target(params, toolchain),
     }
     return _digest(material)
 
 
-def _target(params: dict[str, Any], toolchain: dict[str, Any]) -> dict[str, Any]:
-    """What of the toolchain shapes compiled code for this job's device."""
+def build_target(params: Mapping[str, Any], toolchain: Mapping[str, Any]) -> dict[str, Any]:
+    """What of the toolchain shapes compiled code for this job's device (``params``: the
+    job's or its form's ``device`` and ``options``)."""
     return {
         "cpu_isa": toolchain.get("cpu_isa"),
         "cpp_march": params["options"].get("cpp.march") or toolchain.get("cpp_march")
@@ -86,6 +88,6 @@ def code_key(*, structure_sha256: str, params: dict[str, Any],
         "device": params["device"],
         "options": options,
         "code_version": CODE_VERSION,
-        **_target(params, toolchain),
+        **build_target(params, toolchain),
     }
     return _digest(material)

@@ -29,6 +29,7 @@ from app import metrics
 from app.constants import JobStatus, Phase
 from app.errors import ApiErrorCode, Conflict, JobError, NotFound
 from app.jobs import failures
+from app.jobs.cache_key import build_target
 from app.jobs.models import DEFAULT_TENANT
 from app.jobs.store import JobFields, JobRecord, JobStore, utcnow
 from app.storage.base import ArtifactRef, ArtifactStore, LogStore, UploadStore
@@ -58,6 +59,21 @@ class JobListener(Protocol):
     """Told about every job that reaches a final status (after the write)."""
 
     def job_finished(self, job: JobRecord) -> None: ...
+
+
+def _keys_if_built_elsewhere(job: JobRecord | None,
+                             built_with: dict[str, Any] | None) -> dict[str, Any]:
+    """A job keyed for one toolchain (its host class's, at admission) but built with
+    another (a fleet mid-upgrade: two torch versions behind one ISA queue) keeps its
+    archive but loses its cache and code keys: no later submit keyed for the first
+    toolchain may be answered with it, nor take its compiled code."""
+    if job is None or not job["toolchain"] or not built_with:
+        return {}
+    if build_target(job, job["toolchain"]) == build_target(job, built_with):
+        return {}
+    log.warning("job %s was keyed for %s but built with %s: it is not a cache entry",
+                job["id"], build_target(job, job["toolchain"]), build_target(job, built_with))
+    return {"cache_key": None, "code_key": None}
 
 
 def unknown_job(job_id: str) -> NotFound:
@@ -317,7 +333,8 @@ class JobLifecycle:
                 artifact_size_bytes=artifact.size_bytes,
                 timings={**(job["timings"] or {}), **timings},
                 verification=verification, toolchain=toolchain, profile=profile,
-                resources=resources, code_reused_from=code_reused_from, attempt=attempt)
+                resources=resources, code_reused_from=code_reused_from, attempt=attempt,
+                **_keys_if_built_elsewhere(job, toolchain))
         if moved:
             self._finished(job_id)
         return moved

@@ -366,3 +366,31 @@ def test_an_api_start_in_a_fleet_leaves_leased_jobs_alone(
     assert sorted(seen.dispatched) == sorted([stale, waiting])
     life.recover(requeue_running=True)
     assert _status(life, live) == "queued"
+
+
+def test_a_job_built_with_another_toolchain_than_its_key_is_no_cache_entry(
+        life: JobLifecycle) -> None:
+    """A fleet mid-upgrade: the key was computed for the host class's toolchain, a host
+    with another torch built it. The archive is the job's, but no later submit keyed for
+    the first toolchain may be answered with it, nor take its code."""
+    keyed = {**_fields(), "toolchain": TOOLCHAIN, "code_key": "c" * 64}
+    first = life.admit(keyed, use_cache=True)  # type: ignore[arg-type]
+    assert life.claim(first.job["id"], worker_pid=1) is not None
+    # A cpu job: a GPU list that differs does not matter, the torch version does.
+    elsewhere = {**TOOLCHAIN, "torch_version": "2.14.0", "cuda_arch": ["sm_90"]}
+    assert life.succeed(first.job["id"], artifact=_stored(life), timings={}, verification=None,
+                        toolchain=elsewhere, resources=None)
+    job = life.store.get(first.job["id"])
+    assert job is not None and job["status"] == "succeeded"
+    assert job["cache_key"] is None and job["code_key"] is None
+    assert job["toolchain"] == elsewhere  # what really built it
+    assert life.admit(keyed, use_cache=True).must_run  # type: ignore[arg-type]
+
+    other = {**_fields(options={"freezing": True}), "toolchain": TOOLCHAIN}
+    same = life.admit(other, use_cache=True)  # type: ignore[arg-type]
+    assert life.claim(same.job["id"], worker_pid=2) is not None
+    assert life.succeed(same.job["id"], artifact=_stored(life, b"other"), timings={},
+                        verification=None, toolchain={**TOOLCHAIN, "cuda_arch": ["sm_90"]},
+                        resources=None)
+    kept = life.store.get(same.job["id"])
+    assert kept is not None and kept["cache_key"] == same.job["cache_key"] is not None
