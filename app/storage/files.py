@@ -189,22 +189,23 @@ class LocalLogStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _path(self, job_id: str) -> Path:
+    def path(self, job_id: str) -> Path:
+        """Where the job's log file is (or would be)."""
         return self.root / f"{job_id}.log"
 
     def adopt(self, job_id: str, src: Path) -> None:
         with contextlib.suppress(OSError):
-            os.replace(src, self._path(job_id))
+            os.replace(src, self.path(job_id))
 
     def seal(self, job_id: str) -> None:
         """Nothing to do: every process of this host (or shared data dir) reads the file."""
 
     def tail(self, job_id: str, limit_bytes: int) -> str:
-        return tail_text(self._path(job_id), limit_bytes)
+        return tail_text(self.path(job_id), limit_bytes)
 
     def chunks(self, job_id: str) -> Iterator[bytes] | None:
         try:
-            handle = self._path(job_id).open("rb")
+            handle = self.path(job_id).open("rb")
         except FileNotFoundError:
             return None
 
@@ -216,4 +217,4 @@ class LocalLogStore:
         return read()
 
     def remove(self, job_id: str) -> None:
-        self._path(job_id).unlink(missing_ok=True)
+        self.path(job_id).unlink(missing_ok=True)

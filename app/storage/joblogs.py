@@ -51,16 +51,13 @@ class S3LogStore:
     def key(self, job_id: str) -> str:
         return f"{self._bucket.prefix}logs/{job_id}.log"
 
-    def _local_path(self, job_id: str) -> Path:
-        return self.local.root / f"{job_id}.log"
-
     def adopt(self, job_id: str, src: Path) -> None:
         self.local.adopt(job_id, src)
 
     def seal(self, job_id: str) -> None:
         """Put the finished log in the bucket and drop the local copy; a failure keeps the
         local copy (logged): a log is never worth failing a job for."""
-        path = self._local_path(job_id)
+        path = self.local.path(job_id)
         if not path.exists():
             return
         try:
@@ -73,7 +70,7 @@ class S3LogStore:
         path.unlink(missing_ok=True)
 
     def tail(self, job_id: str, limit_bytes: int) -> str:
-        if self._local_path(job_id).exists():
+        if self.local.path(job_id).exists():
             return self.local.tail(job_id, limit_bytes)
         try:
             with self._bucket.guard("read a job log", missing="no log"):

@@ -98,7 +98,29 @@ class FakeExecutor:
         self.settle()
 
 
-class AsgiClient:
+class _Verbs:
+    """get/head/post/put/delete over the subclass's ``request``."""
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        raise NotImplementedError
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def head(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("HEAD", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("PUT", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("DELETE", url, **kwargs)
+
+
+class AsgiClient(_Verbs):
     """A blocking facade over ``httpx.AsyncClient(transport=ASGITransport(app))`` with the
     app's lifespan run, so sync tests (and tests.factories helpers) can use it."""
 
@@ -116,18 +138,6 @@ class AsgiClient:
             return await self.http.request(method, url, **kwargs)
 
         return self.portal.call(send)
-
-    def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("GET", url, **kwargs)
-
-    def head(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("HEAD", url, **kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("POST", url, **kwargs)
-
-    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("DELETE", url, **kwargs)
 
     def close(self) -> None:
         try:
@@ -184,7 +194,7 @@ KEYS = {"a": ("acme", "admin"), "b": ("globex", "admin"), "a_read": ("acme", "re
         "a_submit": ("acme", "submit"), "revoked": ("acme", "admin")}
 
 
-class KeyedClient:
+class KeyedClient(_Verbs):
     """The app's client, every request sent with one key (or none)."""
 
     def __init__(self, client: AsgiClient, key: str | None) -> None:
@@ -195,20 +205,6 @@ class KeyedClient:
         headers = {**self.headers, **kwargs.pop("headers", {})}
         return self.client.request(method, url, headers=headers, **kwargs)
 
-    def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("GET", url, **kwargs)
-
-    def head(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("HEAD", url, **kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("POST", url, **kwargs)
-
-    def put(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("PUT", url, **kwargs)
-
-    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("DELETE", url, **kwargs)
 
 
 @dataclass

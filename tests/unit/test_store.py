@@ -8,8 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
 
 from app.constants import JobStatus
 from app.jobs.store import JobStore
@@ -19,34 +17,14 @@ from tests.integration.conftest import fresh_pg_database
 FIELDS = {"model_name": "m", "backend_id": "aoti", "device": "cpu", "options": {},
           "verify": True, "rtol": 1e-4, "atol": 1e-4, "input_sha256": "0" * 64,
           "input_size_bytes": 1}
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-def _postgres_url() -> str | None:
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        return None
-    engine = create_engine(PG_URL)
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except OperationalError:
-        return None
-    finally:
-        engine.dispose()
-    return PG_URL
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
     with contextlib.ExitStack() as stack:
         if request.param == "sqlite":
             url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        else:
-            if _postgres_url() is None:
-                pytest.skip("PostgreSQL at 127.0.0.1:5432 (database test) is not reachable")
-            url = stack.enter_context(fresh_pg_database())  # dropped after the test
+        else:  # skips when PostgreSQL is not reachable; dropped after the test
+            url = stack.enter_context(fresh_pg_database())
         job_store = migrated_store(url)
         stack.callback(job_store.close)
         yield job_store
