@@ -97,6 +97,13 @@ class ApiErrorCode(enum.StrEnum):
         "(being completed, ready or failed)")
     UPLOAD_NOT_READY = "upload_not_ready", (
         "a submit names a resumable upload that is not ready (not completed, or refused)")
+    # 410
+    ARTIFACT_EXPIRED = "artifact_expired", (
+        "the job succeeded, but retention removed its archive (unused for "
+        "LOWERING_ARTIFACT_TTL_S, or evicted for LOWERING_STORAGE_BUDGET_BYTES); the message "
+        "says which and when: submit the program again to build it anew")
+    LOG_EXPIRED = "log_expired", (
+        "retention removed the job's log, LOWERING_LOG_TTL_S after the job ended")
     # 413
     UPLOAD_TOO_LARGE = "upload_too_large", (
         "the upload is over LOWERING_MAX_UPLOAD_BYTES, or a form field over 64 KiB")
@@ -281,6 +288,12 @@ class Conflict(ServiceError):
                        ApiErrorCode.NOT_CANCELLABLE, ApiErrorCode.JOB_ACTIVE,
                        ApiErrorCode.JOB_CANCELLED, ApiErrorCode.PARTS_MISSING,
                        ApiErrorCode.UPLOAD_CLOSED, ApiErrorCode.UPLOAD_NOT_READY})
+
+
+class Gone(ServiceError):
+    status = 410
+    code = ApiErrorCode.ARTIFACT_EXPIRED
+    codes = frozenset({ApiErrorCode.ARTIFACT_EXPIRED, ApiErrorCode.LOG_EXPIRED})
 
 
 class PayloadTooLarge(ServiceError):

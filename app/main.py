@@ -21,6 +21,7 @@ from app.executors.base import Executor
 from app.executors.local import LocalExecutor
 from app.jobs import migrate
 from app.jobs.lifecycle import JobLifecycle, Quota
+from app.jobs.retention import Janitor, Retention
 from app.jobs.store import JobStore
 from app.logs import RequestIdMiddleware
 from app.logs import configure as configure_logging
@@ -84,13 +85,15 @@ def create_app(settings: Settings | None = None, *,
                                      max_active_jobs=settings.tenant_max_active_jobs,
                                      max_storage_bytes=settings.tenant_max_storage_bytes),
                                  share_cache=settings.share_cache_across_tenants)
+        janitor = Janitor(Retention(store, uploads=uploads, logs=logs, artifacts=artifacts,
+                                    settings=settings))
         executor = make_executor(JobContext(settings, lifecycle, uploads, logs, artifacts))
         lifecycle.dispatch = executor.submit
         lifecycle.listeners.append(executor)
         executor.start()
         app.state.services = Services(settings=settings, store=store, lifecycle=lifecycle,
                                       uploads=uploads, logs=logs, artifacts=artifacts,
-                                      executor=executor, keys=keys)
+                                      executor=executor, keys=keys, janitor=janitor)
         lifecycle.recover(requeue_running=executor.runs_jobs_here)
         # Every replica sends due webhook deliveries; a job ending here wakes it at once.
         from app.webhooks.dispatcher import Dispatcher
@@ -98,10 +101,12 @@ def create_app(settings: Settings | None = None, *,
         dispatcher = Dispatcher(store.engine, settings=settings)
         lifecycle.listeners.append(dispatcher)
         dispatcher.start()
+        janitor.start()  # every replica sweeps: each removal is guarded, one wins
         try:
             yield
         finally:
             executor.close()
+            janitor.stop()
             dispatcher.stop()
             store.close()
 

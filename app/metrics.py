@@ -94,6 +94,7 @@ a sandbox that did not warm up; max_jobs_per_process, a worker host's Celery pro
 LOWERING_WORKER_MAX_JOBS_PER_PROCESS jobs."""
 UPLOAD_VIAS = ("submit", "resumable")
 """submit: the program file of POST /v1/lowerings; resumable: a completed resumable upload."""
+REMOVAL_KINDS = ("archive_ttl", "archive_budget", "input", "log", "upload")
 _WORD = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
@@ -128,6 +129,10 @@ class _Metrics:
         self.uploaded_bytes = Counter(
             "lowering_uploaded_bytes_total", "Program bytes received, by way of upload",
             ["via"])
+        self.removals = Counter(
+            "lowering_retention_removals_total", "What retention removed, by kind: "
+            "archive_ttl, archive_budget (each an archive, whatever jobs shared it), input, "
+            "log, upload (an expired resumable upload)", ["kind"])
         self.stored_bytes = Counter(
             "lowering_stored_bytes_total", "Archive bytes stored by jobs that ran and "
             "succeeded (an identical archive is kept once)")
@@ -144,6 +149,8 @@ class _Metrics:
             self.worker_recycles.labels(reason=reason)
         for via in UPLOAD_VIAS:
             self.uploaded_bytes.labels(via=via)
+        for kind in REMOVAL_KINDS:
+            self.removals.labels(kind=kind)
 
 
 _METRICS: _Metrics | None = None
@@ -225,6 +232,12 @@ def record_upload_bytes(size_bytes: int, *, via: str) -> None:
     upload, counted at its complete)."""
     if via in UPLOAD_VIAS and size_bytes > 0:
         _safely(lambda m: m.uploaded_bytes.labels(via=via).inc(size_bytes))
+
+
+def record_removal(kind: str, count: int = 1) -> None:
+    """Retention removed ``count`` things of one of REMOVAL_KINDS."""
+    if kind in REMOVAL_KINDS and count > 0:
+        _safely(lambda m: m.removals.labels(kind=kind).inc(count))
 
 
 def record_worker_recycle(reason: str) -> None:

@@ -32,6 +32,11 @@ class ArtifactInfo(BaseModel):
     sha256: str
     size_bytes: int
     url: str = Field(description="where to GET the archive")
+    expired_at: dt.datetime | None = Field(None, description=(
+        "when retention removed the archive (url then answers 410 artifact_expired)"))
+    expired_reason: str | None = Field(None, description=(
+        "ttl: unused for LOWERING_ARTIFACT_TTL_S; budget: the least recently used when "
+        "storage was over LOWERING_STORAGE_BUDGET_BYTES"))
 
 
 class ErrorInfo(BaseModel):
@@ -147,6 +152,8 @@ class LoweringPublic(BaseModel):
         None, description="worker cpu_s, children_cpu_s (g++), peak_rss_bytes")
     profile: Profile | None = Field(
         None, description="does lowering pay: eager vs compiled time (verified jobs)")
+    log_expired_at: dt.datetime | None = Field(
+        None, description="when retention removed the job's log (LOWERING_LOG_TTL_S)")
 
     @classmethod
     def from_job(cls, job: Mapping[str, Any]) -> LoweringPublic:
@@ -156,12 +163,15 @@ class LoweringPublic(BaseModel):
                 sha256=job["artifact_sha256"],
                 size_bytes=job["artifact_size_bytes"],
                 url=f"/v1/lowerings/{job['id']}/artifact",
+                expired_at=job.get("artifact_expired_at"),
+                expired_reason=job.get("artifact_expired_reason"),
             )
         fields = {k: v for k, v in job.items() if k in cls.model_fields}
         fields["input"] = InputInfo(sha256=job["input_sha256"], size_bytes=job["input_size_bytes"])
         fields["artifact"] = artifact
         fields["timings"] = job["timings"] or {}
         fields["coalesced_with"] = job.get("parent_id")
+        fields["log_expired_at"] = job.get("log_removed_at")
         error = job.get("error")
         if error and error.get("code") == ErrorCode.VERIFICATION_FAILED:
             fields["error"] = {**error, "detail": _verification_detail(error.get("detail"))}

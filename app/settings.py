@@ -191,6 +191,32 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(
         4, ge=1, le=64, description="deliveries one replica sends at once")
 
+    # Retention (app.jobs.retention): every API replica sweeps; a job's row always stays.
+    artifact_ttl_s: float | None = Field(
+        30 * 86_400.0, gt=0, description="an archive nobody downloaded or was served from "
+        "the cache for this long is removed; its lowerings then answer 410 "
+        "artifact_expired. Unset (empty): archives never expire")
+    storage_budget_bytes: int | None = Field(
+        None, ge=1, description="stored archives, inputs and resumable uploads past this "
+        "evict archives, least recently used first, down to 90% of it (never one a queued "
+        "or running job may reuse, or one used in the last LOWERING_EVICT_GRACE_S). Unset: "
+        "no budget")
+    evict_grace_s: float = Field(
+        300.0, ge=0, description="an archive used (made, downloaded, served) this recently "
+        "is never evicted for the storage budget: its client is likely still fetching it")
+    input_ttl_s: float = Field(
+        86_400.0, ge=0, description="a finished lowering's input (the gated upload) is kept "
+        "this long after it ends, then removed; 0: at the next sweep")
+    log_ttl_s: float | None = Field(
+        30 * 86_400.0, gt=0, description="a finished lowering's worker log is removed this "
+        "long after it ends (then GET .../log is 410 log_expired). Unset: kept")
+    webhook_delivery_ttl_s: float = Field(
+        30 * 86_400.0, gt=0, description="delivered and failed webhook deliveries are "
+        "dropped from the delivery log this long after they were made")
+    retention_interval_s: float = Field(
+        60.0, gt=0, le=3600, description="how often each replica sweeps expired and "
+        "over-budget storage")
+
     @field_validator("preload_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:

@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.auth import ANONYMOUS, KeyStore, Principal, Scope
 from app.executors.base import Executor
 from app.jobs.lifecycle import JobLifecycle
+from app.jobs.retention import Janitor
 from app.jobs.store import JobStore
 from app.settings import Settings
 from app.storage.base import ArtifactStore, LogStore, UploadStore
@@ -29,6 +30,8 @@ class Services:
     executor: Executor
     keys: KeyStore | None = None
     """The API keys; None when LOWERING_AUTH is off (every request is ANONYMOUS)."""
+    janitor: Janitor | None = None
+    """Retention: its rules, usage and latest sweep (/v1/info); None in tests without it."""
 
 
 def _services(request: Request) -> Services:
@@ -90,6 +93,20 @@ def _principal(request: Request, services: ServicesDep,
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal)]
+
+
+def _caller(request: Request, services: ServicesDep) -> Principal | None:
+    # For routes open to everyone that say more to a known caller (/v1/info): the
+    # principal of a sent key (a wrong one is 401 as anywhere), ANONYMOUS while auth is
+    # off, None for a request without a key.
+    if services.keys is None:
+        return ANONYMOUS
+    if request.headers.get("authorization") is None:
+        return None
+    return services.keys.authenticate(request.headers.get("authorization"))
+
+
+CallerDep = Annotated[Principal | None, Depends(_caller)]
 
 
 def _read(principal: PrincipalDep) -> Principal:

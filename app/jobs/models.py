@@ -86,6 +86,14 @@ lowerings = Table(
     # The submit's callback_url: told of the job's final status like a webhook (0006).
     Column("callback_url", String(2048)),
     _tenant_column(),
+    # Retention (0008, app.jobs.retention): when the archive was last downloaded or
+    # served (NULL: when the job finished), and when the archive (with why: ttl or
+    # budget), the input and the log were removed. The job's row stays.
+    Column("last_used_at", DateTime(timezone=True)),
+    Column("artifact_expired_at", DateTime(timezone=True)),
+    Column("artifact_expired_reason", String(16)),
+    Column("input_removed_at", DateTime(timezone=True)),
+    Column("log_removed_at", DateTime(timezone=True)),
     Index("ix_lowerings_status_seq", "status", "seq"),
     Index("ix_lowerings_model_seq", "model_name", "seq"),
     Index("ix_lowerings_cache_key", "cache_key", "status"),
@@ -95,6 +103,9 @@ lowerings = Table(
     # A tenant's list (newest first) and its quota counts (active jobs, stored bytes).
     Index("ix_lowerings_tenant_seq", "tenant", "seq"),
     Index("ix_lowerings_tenant_status", "tenant", "status"),
+    Index("ix_lowerings_artifact", "artifact_sha256", "artifact_expired_at"),
+    Index("ix_lowerings_input_sweep", "input_removed_at", "finished_at"),
+    Index("ix_lowerings_log_sweep", "log_removed_at", "finished_at"),
 )
 
 # Resumable uploads (POST /v1/uploads): a program sent in parts, assembled and gated once,

@@ -12,7 +12,18 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypedDict, TypeVar, Unpack, cast
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    case,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
@@ -67,6 +78,7 @@ class JobFields(TypedDict, total=False):
     finished_at: dt.datetime | None
     callback_url: str | None
     tenant: str
+    last_used_at: dt.datetime | None
 
 
 class JobRecord(TypedDict):
@@ -107,6 +119,11 @@ class JobRecord(TypedDict):
     finished_at: dt.datetime | None
     callback_url: str | None
     tenant: str
+    last_used_at: dt.datetime | None
+    artifact_expired_at: dt.datetime | None
+    artifact_expired_reason: str | None
+    input_removed_at: dt.datetime | None
+    log_removed_at: dt.datetime | None
 
 
 Job = JobRecord
@@ -345,7 +362,10 @@ class JobStore:
 
     @_as_service_errors
     def count_artifact_refs(self, *, sha256: str) -> int:
-        return self._count(lowerings.c.artifact_sha256 == sha256)
+        """Jobs whose archive is this one and has not expired (app.jobs.retention): while
+        any is left, the bytes stay."""
+        return self._count((lowerings.c.artifact_sha256 == sha256)
+                           & lowerings.c.artifact_expired_at.is_(None))
 
     @_as_service_errors
     def count_waiting(self) -> int:
@@ -372,9 +392,13 @@ class JobStore:
         """What the tenant keeps: its jobs' inputs and archives (an archive shared by
         several jobs counts for each: it is what deleting them all would free) and its
         resumable uploads that are not failed or expired (one still receiving counts its
-        declared size: the room it will take)."""
-        jobs = select(func.coalesce(func.sum(lowerings.c.input_size_bytes), 0)
-                      + func.coalesce(func.sum(lowerings.c.artifact_size_bytes), 0)
+        declared size: the room it will take). What retention removed no longer counts."""
+        held_input = case((lowerings.c.input_removed_at.is_(None),
+                           lowerings.c.input_size_bytes), else_=0)
+        held_archive = case((lowerings.c.artifact_expired_at.is_(None),
+                             lowerings.c.artifact_size_bytes), else_=0)
+        jobs = select(func.coalesce(func.sum(held_input), 0)
+                      + func.coalesce(func.sum(held_archive), 0)
                       ).where(lowerings.c.tenant == tenant)
         kept = (select(func.coalesce(func.sum(uploads_table.c.size_bytes), 0))
                 .where(uploads_table.c.tenant == tenant)
@@ -425,6 +449,7 @@ class JobStore:
             .where(lowerings.c.cache_key == cache_key)
             .where(lowerings.c.status.in_([s.value for s in statuses]))
             .where(lowerings.c.parent_id.is_(None))
+            .where(lowerings.c.artifact_expired_at.is_(None))
             .order_by(lowerings.c.seq.desc())
             .limit(1), tenant
         )
@@ -442,6 +467,7 @@ class JobStore:
             .where(lowerings.c.code_key == code_key)
             .where(lowerings.c.status == JobStatus.SUCCEEDED.value)
             .where(lowerings.c.artifact_sha256.is_not(None))
+            .where(lowerings.c.artifact_expired_at.is_(None))
             .where(lowerings.c.id != exclude_id)
             .order_by(lowerings.c.seq.desc())
             .limit(limit), tenant
@@ -482,7 +508,8 @@ def _guarded(query: Any, attempt: int | None, lease_expired_at: dt.datetime | No
 
 def _as_job(mapping: Any) -> JobRecord:
     job = dict(mapping)
-    for key in ("created_at", "started_at", "finished_at", "lease_expires_at"):
+    for key in ("created_at", "started_at", "finished_at", "lease_expires_at", "last_used_at",
+                "artifact_expired_at", "input_removed_at", "log_removed_at"):
         value = job.get(key)
         # SQLite hands back naive datetimes; everything we store is UTC.
         if value is not None and value.tzinfo is None:

@@ -11,7 +11,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app import __version__
-from app.api.deps import ExecutorDep, SettingsDep, StoreDep
+from app.api.deps import CallerDep, ExecutorDep, Services, ServicesDep, SettingsDep, StoreDep
+from app.auth import Principal, Scope
 from app.constants import TIMING_KEYS, Phase
 from app.jobs.store import JobStore
 from app.options import ALLOWED_OPTIONS
@@ -66,8 +67,12 @@ def _checks(settings: Settings, store: JobStore) -> dict[str, str]:
 
 
 @router.get("/v1/info")
-async def info(settings: SettingsDep, executor: ExecutorDep) -> dict[str, Any]:
-    """Versions, devices, workers, limits and the allowed AOTInductor options."""
+async def info(settings: SettingsDep, executor: ExecutorDep, services: ServicesDep,
+               caller: CallerDep) -> dict[str, Any]:
+    """Versions, devices, workers, limits, retention, the allowed AOTInductor options;
+    and what is stored: the caller's tenant's usage and quota (with a key, or while auth
+    is off), the whole service's (with the admin scope, or while auth is off)."""
+    usage = await to_thread.run_sync(_usage, services, caller)
     toolchain = executor.toolchain or {}
     devices = ["cpu"] + [f"cuda:{i}" for i in range(int(toolchain.get("cuda_devices") or 0))]
     state = executor.info()
@@ -92,4 +97,33 @@ async def info(settings: SettingsDep, executor: ExecutorDep) -> dict[str, Any]:
         "options": {key: spec.describe() for key, spec in ALLOWED_OPTIONS.items()},
         "preload_modules": settings.preload_modules,
         "pid": os.getpid(),
+        "retention": services.janitor.retention.describe() if services.janitor else None,
+        "usage": usage,
     }
+
+
+def _usage(services: Services, caller: Principal | None) -> dict[str, Any] | None:
+    if caller is None:
+        return None
+    quota = services.lifecycle.quota_for(caller.tenant)
+    usage: dict[str, Any] = {"tenant": {
+        "name": caller.tenant,
+        "stored_bytes": services.store.stored_bytes(tenant=caller.tenant),
+        "max_storage_bytes": quota.max_storage_bytes,
+        "active_jobs": services.store.count_active(tenant=caller.tenant),
+        "max_active_jobs": quota.max_active_jobs,
+    }}
+    janitor = services.janitor
+    if Scope.ADMIN in caller.scopes and janitor is not None:
+        stored = janitor.retention.usage()
+        budget = services.settings.storage_budget_bytes
+        usage["service"] = {
+            "archives": {"count": stored.archives, "bytes": stored.archive_bytes},
+            "inputs": {"count": stored.inputs, "bytes": stored.input_bytes},
+            "uploads": {"count": stored.uploads, "bytes": stored.upload_bytes},
+            "total_bytes": stored.total_bytes,
+            "budget_bytes": budget,
+            "budget_used": round(stored.total_bytes / budget, 4) if budget else None,
+            "last_sweep": janitor.last.as_dict() if janitor.last else None,
+        }
+    return usage

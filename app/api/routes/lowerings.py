@@ -42,6 +42,7 @@ from app.errors import (
     ApiErrorCode,
     ArtifactCorrupt,
     Conflict,
+    Gone,
     PayloadTooLarge,
     RequestTimeout,
     ServiceError,
@@ -58,6 +59,7 @@ from app.jobs.lifecycle import (
     check_active,
     unknown_job,
 )
+from app.jobs.retention import Expiry, mark_used
 from app.jobs.store import JobFields, JobRecord, JobStore
 from app.logs import JOB_ID
 from app.schemas import LoweringPublic, LoweringsPublic
@@ -346,14 +348,35 @@ async def get_lowering(job_id: str, store: StoreDep, principal: ReadDep) -> dict
 @router.get("/{job_id}/artifact", response_class=FileResponse, responses=ERROR_RESPONSES)
 async def get_artifact(
     job_id: str, request: Request, store: StoreDep, artifacts: ArtifactsDep,
-    principal: ReadDep,
+    settings: SettingsDep, principal: ReadDep,
 ) -> Response:
     """The packaged pt2 archive (Range and If-None-Match supported)."""
     job = await _get_or_404(store, job_id, principal.tenant)
     if job["status"] != JobStatus.SUCCEEDED.value:
         raise Conflict(f"lowering {job_id} is {job['status']}; the artifact exists once it "
                        "has succeeded", code=ApiErrorCode.ARTIFACT_NOT_READY)
-    return await _artifact_response(job, artifacts, request)
+    _check_not_expired(job, settings)
+    # Its use keeps the archive from expiring or eviction; recorded before the archive is
+    # checked, so a sweep that comes after sees it and one that came first is seen below.
+    await to_thread.run_sync(lambda: mark_used(store, job_id))
+    try:
+        return await _artifact_response(job, artifacts, request)
+    except ArtifactCorrupt:
+        again = await to_thread.run_sync(lambda: store.get(job_id))
+        if again is not None:
+            _check_not_expired(again, settings)  # removed by a sweep meanwhile: 410
+        raise
+
+
+def _check_not_expired(job: JobRecord, settings: Settings) -> None:
+    """410 artifact_expired, saying when and why, once retention removed the archive."""
+    at, reason = job["artifact_expired_at"], job["artifact_expired_reason"]
+    if at is None:
+        return
+    why = Expiry(reason).explain(settings) if reason in set(Expiry) else str(reason)
+    raise Gone(f"the archive of lowering {job['id']} was removed on {at:%Y-%m-%d %H:%M} UTC: "
+               f"{why}. Submit the program again to build it anew (no cache hit remains)",
+               code=ApiErrorCode.ARTIFACT_EXPIRED)
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:
@@ -399,7 +422,12 @@ async def _artifact_response(job: JobRecord, artifacts: ArtifactStore,
 async def get_log(job_id: str, store: StoreDep, logs: LogsDep,
                   principal: ReadDep) -> Response:
     """The worker's log of this job (empty until a worker starts it)."""
-    await _get_or_404(store, job_id, principal.tenant)
+    job = await _get_or_404(store, job_id, principal.tenant)
+    if job["log_removed_at"] is not None:
+        raise Gone(f"the log of lowering {job_id} was removed on "
+                   f"{job['log_removed_at']:%Y-%m-%d %H:%M} UTC, LOWERING_LOG_TTL_S after the "
+                   "job ended; the job's error (if any) keeps the log's tail",
+                   code=ApiErrorCode.LOG_EXPIRED)
     chunks = await to_thread.run_sync(logs.chunks, job_id)
     if chunks is None:
         return PlainTextResponse("")
