@@ -35,6 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 if TYPE_CHECKING:
     from app.jobs.store import JobStore
     from app.settings import Settings
@@ -250,6 +252,17 @@ def main(argv: list[str] | None = None) -> int:
                       help="serve this host's Prometheus /metrics on LOWERING_HOST:PORT "
                       "(default LOWERING_METRICS_PORT; unset: none)")
     args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except ValidationError as exc:  # a bad LOWERING_* value: one line each, no traceback
+        for error in exc.errors():
+            name = "LOWERING_" + "_".join(str(part) for part in error["loc"]).upper()
+            print(f"lowering-service: {name}={error.get('input')!r}: {error['msg']}",
+                  file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "worker":
         from app.executors.celery_worker import main as worker_main
 

@@ -30,7 +30,9 @@ def _physical_memory_bytes() -> int:
 class Settings(BaseSettings):
     """Service settings. Environment: ``LOWERING_<FIELD>`` (e.g. ``LOWERING_WORKERS=4``)."""
 
-    model_config = SettingsConfigDict(env_prefix="LOWERING_", extra="ignore")
+    # `none` unsets an optional setting (LOWERING_ARTIFACT_TTL_S=none: archives never expire).
+    model_config = SettingsConfigDict(env_prefix="LOWERING_", extra="ignore",
+                                      env_parse_none_str="none")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -195,7 +197,7 @@ class Settings(BaseSettings):
     artifact_ttl_s: float | None = Field(
         30 * 86_400.0, gt=0, description="an archive nobody downloaded or was served from "
         "the cache for this long is removed; its lowerings then answer 410 "
-        "artifact_expired. Unset (empty): archives never expire")
+        "artifact_expired. none: archives never expire")
     storage_budget_bytes: int | None = Field(
         None, ge=1, description="stored archives, inputs and resumable uploads past this "
         "evict archives, least recently used first, down to 90% of it (never one a queued "
@@ -209,7 +211,7 @@ class Settings(BaseSettings):
         "this long after it ends, then removed; 0: at the next sweep")
     log_ttl_s: float | None = Field(
         30 * 86_400.0, gt=0, description="a finished lowering's worker log is removed this "
-        "long after it ends (then GET .../log is 410 log_expired). Unset: kept")
+        "long after it ends (then GET .../log is 410 log_expired). none: kept")
     webhook_delivery_ttl_s: float = Field(
         30 * 86_400.0, gt=0, description="delivered and failed webhook deliveries are "
         "dropped from the delivery log this long after they were made")
