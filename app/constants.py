@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import enum
 import errno
+import re
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 DEVICE_PATTERN = r"^(cpu|cuda|cuda:[0-9]{1,2})$"
 CHUNK_BYTES = 1 << 20
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+"""A sha256 hex digest as every store and route names content."""
 # errnos that mean "no room": disk full, file over RLIMIT_FSIZE, quota.
 SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 

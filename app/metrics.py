@@ -94,7 +94,7 @@ a sandbox that did not warm up; max_jobs_per_process, a worker host's Celery pro
 LOWERING_WORKER_MAX_JOBS_PER_PROCESS jobs."""
 UPLOAD_VIAS = ("submit", "resumable")
 """submit: the program file of POST /v1/lowerings; resumable: a completed resumable upload."""
-REMOVAL_KINDS = ("archive_ttl", "archive_budget", "input", "log", "upload")
+REMOVAL_KINDS = ("archive_ttl", "archive_budget", "archive_orphan", "input", "log", "upload")
 _WORD = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
@@ -131,8 +131,9 @@ class _Metrics:
             ["via"])
         self.removals = Counter(
             "lowering_retention_removals_total", "What retention removed, by kind: "
-            "archive_ttl, archive_budget (each an archive, whatever jobs shared it), input, "
-            "log, upload (an expired resumable upload)", ["kind"])
+            "archive_ttl, archive_budget (each an archive, whatever jobs shared it), "
+            "archive_orphan (an archive no job referenced), input, log, upload (an expired "
+            "resumable upload)", ["kind"])
         self.stored_bytes = Counter(
             "lowering_stored_bytes_total", "Archive bytes stored by jobs that ran and "
             "succeeded (an identical archive is kept once)")

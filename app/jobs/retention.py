@@ -13,7 +13,8 @@ LOWERING_RETENTION_INTERVAL_S) removes:
   LOWERING_STORAGE_BUDGET_BYTES, archives least recently used first, down to
   BUDGET_LOW_WATER of it: reason ``budget``;
 - resumable uploads past their expiry, and delivered or failed webhook deliveries older
-  than LOWERING_WEBHOOK_DELIVERY_TTL_S.
+  than LOWERING_WEBHOOK_DELIVERY_TTL_S;
+- hourly, stored archives no job references (orphans of a crash or a cancel).
 
 An archive is one cache entry however many jobs reference it: its last use is the latest
 of theirs, and when it goes every job referencing it is marked expired, with the reason,
@@ -58,6 +59,10 @@ BATCH = 200
 """Rows (or archives) one step of a sweep handles before it reads again."""
 USE_EVERY_S = 60.0
 """A download records its use at most this often per job (no write per request)."""
+ORPHANS_EVERY_S = 3600.0
+"""How often a replica lists the stored archives to find those no job references (on S3
+a listing of the bucket's archives); only archives older than the job timeout plus this
+are taken, so a worker's archive not yet committed to its job is left alone."""
 
 FINAL = [s.value for s in JobStatus if s.is_final]
 ACTIVE = [JobStatus.QUEUED.value, JobStatus.RUNNING.value]
@@ -100,6 +105,9 @@ class Sweep:
     logs: int = 0
     archives_ttl: int = 0
     archives_budget: int = 0
+    archives_orphaned: int = 0
+    """Stored archives no job references (a job cancelled between storing its archive
+    and its commit, a sweep that died between its update and the delete)."""
     uploads: int = 0
     deliveries: int = 0
     freed_bytes: int = 0
@@ -145,6 +153,7 @@ class Retention:
         self.logs = logs
         self.artifacts = artifacts
         self.settings = settings
+        self._orphans_at: dt.datetime | None = None
 
     # -- reading ------------------------------------------------------------------------
 
@@ -275,6 +284,38 @@ class Retention:
                         "left is live (inputs, uploads, archives active jobs may reuse) or "
                         "used in the last %gs", total - budget, self.settings.evict_grace_s)
 
+    def remove_orphans(self, sweep: Sweep, *, now: dt.datetime) -> None:
+        """Stored archives no unexpired job references, once every ORPHANS_EVERY_S."""
+        if self._orphans_at is not None and (
+                (now - self._orphans_at).total_seconds() < ORPHANS_EVERY_S):
+            return
+        self._orphans_at = now
+        cutoff = (now - dt.timedelta(seconds=self.settings.job_timeout_s
+                                     + ORPHANS_EVERY_S)).timestamp()
+        old = [(sha, size) for sha, size, modified in self.artifacts.stored()
+               if modified < cutoff]
+        for start in range(0, len(old), BATCH):
+            chunk = dict(old[start:start + BATCH])
+            with self.engine.connect() as conn:
+                held = {str(sha) for (sha,) in conn.execute(
+                    select(lowerings.c.artifact_sha256).distinct()
+                    .where(lowerings.c.artifact_sha256.in_(list(chunk)))
+                    .where(lowerings.c.artifact_expired_at.is_(None)))}
+            for sha, size in chunk.items():
+                if sha not in held and self._remove_orphan(sha):
+                    sweep.archives_orphaned += 1
+                    sweep.freed_bytes += size
+
+    @_as_service_errors
+    def _remove_orphan(self, sha256: str) -> bool:
+        with self.store.admission_lock():  # as a deletion: no hit is admitted meanwhile
+            if self.store.count_artifact_refs(sha256=sha256):
+                return False
+            self.artifacts.remove(sha256)
+        log.info("archive %s removed: no lowering references it", sha256)
+        metrics.record_removal("archive_orphan")
+        return True
+
     def remove_inputs(self, sweep: Sweep, *, now: dt.datetime) -> None:
         """Inputs of jobs that ended LOWERING_INPUT_TTL_S ago (never an active job's)."""
         ended_before = now - dt.timedelta(seconds=self.settings.input_ttl_s)
@@ -347,7 +388,8 @@ class Retention:
         rules: list[tuple[str, Callable[..., None]]] = [
             ("inputs", self.remove_inputs), ("logs", self.remove_logs),
             ("archive ttl", self.expire_unused), ("storage budget", self.evict_for_budget),
-            ("uploads", self.remove_uploads), ("webhook deliveries", self.prune_deliveries)]
+            ("orphaned archives", self.remove_orphans), ("uploads", self.remove_uploads),
+            ("webhook deliveries", self.prune_deliveries)]
         for name, rule in rules:
             try:
                 rule(sweep, now=now)

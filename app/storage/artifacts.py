@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from app.constants import CHUNK_BYTES
+from app.constants import CHUNK_BYTES, SHA256_RE
 from app.storage.base import ArtifactRef
 
 
@@ -87,6 +87,18 @@ class LocalArtifactStore:
         with self._lock:  # a rename keeps the inode, size and mtime
             self._intact[sha256] = (stored.st_ino, stored.st_size, stored.st_mtime_ns)
         return ArtifactRef(sha256, size)
+
+    def stored(self) -> Iterator[tuple[str, int, float]]:
+        if not self.root.is_dir():
+            return
+        for folder in self.root.iterdir():
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder):
+                sha256 = entry.name.removesuffix(".pt2")
+                if entry.name.endswith(".pt2") and SHA256_RE.fullmatch(sha256):
+                    stat = entry.stat()
+                    yield sha256, stat.st_size, stat.st_mtime
 
     def is_intact(self, sha256: str) -> bool:
         """True if the stored file's bytes still hash to ``sha256``; a bad file is removed."""

@@ -148,3 +148,7 @@ class ArtifactStore(Protocol):
 
     def remove(self, sha256: str) -> None:
         """Delete the archive; only the job lifecycle decides when (reference counting)."""
+
+    def stored(self) -> Iterator[tuple[str, int, float]]:
+        """Every stored archive as (sha256, size, last modified in epoch seconds): what
+        retention compares with the job table to find archives no job references."""

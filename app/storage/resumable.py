@@ -28,6 +28,7 @@ from anyio import to_thread
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy import delete as sql_delete
 
+from app.constants import SHA256_RE
 from app.errors import ApiErrorCode, Conflict, NotFound, ServiceError, Unprocessable
 from app.jobs.models import DEFAULT_TENANT
 from app.jobs.models import uploads as uploads_table
@@ -39,7 +40,6 @@ from app.validation.isolated import run_gate
 
 log = logging.getLogger("app.storage.resumable")
 UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
-SHA256_RE = re.compile(r"[0-9a-f]{64}")
 S3_MIN_PART_BYTES = 5 * 1024**2  # S3 refuses smaller parts, but the last
 MAX_PARTS = 10_000
 SWEEP_BATCH = 32

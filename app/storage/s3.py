@@ -51,7 +51,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from app.constants import CHUNK_BYTES
+from app.constants import CHUNK_BYTES, SHA256_RE
 from app.errors import ObjectStoreUnavailable
 from app.storage.base import ArtifactRef, PartTarget
 from app.storage.files import LocalUploadStore
@@ -282,6 +282,18 @@ class S3ArtifactStore:
 
     def remove(self, sha256: str) -> None:
         self._bucket.delete(self.key(sha256), "delete an archive")
+
+    def stored(self) -> Iterator[tuple[str, int, float]]:
+        bucket = self._bucket
+        pages = bucket.client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket.bucket, Prefix=f"{bucket.prefix}artifacts/")
+        with bucket.guard("list the archives"):
+            for page in pages:
+                for item in page.get("Contents", []):
+                    name = item["Key"].rsplit("/", 1)[-1]
+                    sha256 = name.removesuffix(".pt2")
+                    if name.endswith(".pt2") and SHA256_RE.fullmatch(sha256):
+                        yield sha256, int(item["Size"]), item["LastModified"].timestamp()
 
 
 class S3UploadStore:

@@ -108,6 +108,23 @@ def test_a_small_archive_is_one_put(client: Any, bucket: str, tmp_path: Path) ->
                               f"{ref.sha256}.pt2")["ContentLength"] == 1000
 
 
+def test_stored_lists_every_archive_under_the_prefix_for_retention(
+        client: Any, bucket: str, tmp_path: Path) -> None:
+    store = _artifacts(client, bucket, prefix="team/")
+    refs = []
+    for n in range(3):
+        with _payload(tmp_path, 100 + n, f"a{n}.pt2").open("rb") as handle:
+            refs.append(store.put_stream(handle))
+    client.put_object(Bucket=bucket, Key="team/artifacts/zz/not-an-archive.txt", Body=b"x")
+    client.put_object(Bucket=bucket, Key="other/artifacts/ab/" + "a" * 64 + ".pt2", Body=b"x")
+    listed = {sha: (size, modified) for sha, size, modified in store.stored()}
+    assert {sha: size for sha, (size, _) in listed.items()} == {
+        ref.sha256: ref.size_bytes for ref in refs}
+    assert all(abs(modified - time.time()) < 600 for _, modified in listed.values())
+    store.remove(refs[0].sha256)
+    assert refs[0].sha256 not in {sha for sha, _, _ in store.stored()}
+
+
 def test_presigned_url_names_the_key_and_expires(client: Any, bucket: str, endpoint: str,
                                                   tmp_path: Path) -> None:
     store = _artifacts(client, bucket, presign_s=123)

@@ -262,3 +262,19 @@ def test_replicas_sweeping_at_once_remove_each_archive_once(world: World) -> Non
     assert sum(r.archives_ttl for r in results) == len(jobs)
     assert all(not r.errors for r in results)
     assert not any(world.stored(job) for job in jobs)
+
+
+def test_archives_no_job_references_are_removed_hourly_and_referenced_ones_kept(
+        world: World) -> None:
+    kept = world.lowered("kept", b"referenced")
+    stray = world.artifacts.put_stream(io.BytesIO(b"a cancelled job's archive")).sha256
+    rules = world.retention(job_timeout_s=600)
+    # Younger than the job timeout plus an hour: maybe a worker's, not yet committed.
+    assert rules.sweep(now=utcnow() + dt.timedelta(minutes=30)).archives_orphaned == 0
+    assert world.artifacts.exists(stray)
+
+    sweep = rules.sweep(now=utcnow() + 2 * DAY)
+
+    assert sweep.archives_orphaned == 1 and not world.artifacts.exists(stray)
+    assert world.stored(kept)
+    assert rules.sweep(now=utcnow() + 2 * DAY).archives_orphaned == 0  # not again this hour
