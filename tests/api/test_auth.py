@@ -100,6 +100,33 @@ def test_a_used_key_records_when(auth: AuthApi) -> None:
     assert all("key_hmac" not in row for row in rows.values())
 
 
+def test_a_key_revoked_while_its_event_stream_is_open_ends_the_stream(
+        auth: AuthApi, linear: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from app.api.routes import lowerings as routes
+    from app.auth import KeyStore
+
+    monkeypatch.setattr(routes, "EVENTS_POLL_S", 0.02)
+    monkeypatch.setattr(routes, "EVENTS_KEY_CHECK_S", 0.1)
+    client = auth.as_("a_read")
+    job = submit(auth.as_("a"), linear, model_name="hold_me").json()  # stays queued
+    keys = KeyStore(auth.api.services.store.engine, None)
+    revoke = threading.Timer(0.5, keys.revoke, args=[auth.key_ids["a_read"]])
+    revoke.start()
+    response = client.get(f"/v1/lowerings/{job['id']}/events", params={"wait": 30})
+    revoke.join()
+    assert response.status_code == 200
+    last = response.text.strip().split("\n\n")[-1].splitlines()
+    assert last[0] == "event: error"
+    error = json.loads(last[1].removeprefix("data: "))["error"]
+    assert error["code"] == "unauthorized" and "revoked" in error["message"]
+    assert response.elapsed.total_seconds() < 10  # not the 30 s it asked for
+    # A key that stays valid keeps its stream to the end.
+    still = auth.as_("a").get(f"/v1/lowerings/{job['id']}/events", params={"wait": 1})
+    assert "event: error" not in still.text
+
+
 # -- tenants ----------------------------------------------------------------------------
 
 

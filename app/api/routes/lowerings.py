@@ -9,7 +9,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -30,6 +30,7 @@ from app.api.deps import (
     LifecycleDep,
     LogsDep,
     ReadDep,
+    ServicesDep,
     SettingsDep,
     StoreDep,
     SubmitDep,
@@ -48,6 +49,7 @@ from app.errors import (
     ServiceError,
     ServiceUnavailable,
     TooManyRequests,
+    Unauthorized,
     Unprocessable,
 )
 from app.jobs.cache_key import cache_key, code_key
@@ -477,6 +479,8 @@ EVENTS_RETRY_MS = 2000
 """The reconnect delay the stream asks of EventSource clients (its ``retry:`` field)."""
 EVENTS_DB_PATIENCE_S = 10.0
 """A stream whose job cannot be read for this long ends (cleanly: the client reconnects)."""
+EVENTS_KEY_CHECK_S = 5.0
+"""How often an open stream checks that its API key still holds (a revoke ends it)."""
 EVENTS_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -517,14 +521,17 @@ def _event_frame(event_id: str, data: dict[str, Any]) -> str:
 
 async def _event_stream(request: Request, store: JobStore, job_id: str, tenant: str,
                         first: tuple[str, dict[str, Any]], last_event_id: str | None,
-                        stream_s: float) -> AsyncIterator[str]:
+                        stream_s: float,
+                        key_valid: Callable[[], bool] | None = None) -> AsyncIterator[str]:
     """The job on connect, then at every change of its status, phase or queue position
     (or its leader's), until it is final, gone, the client leaves, the service begins to
     stop or ``stream_s`` runs out (a client reconnects: it starts from the current
     state). A reconnect whose Last-Event-ID names the current state is not sent it
     again, unless it is final: a stream that ends with the job final ends with that
-    event."""
+    event. ``key_valid`` is asked every EVENTS_KEY_CHECK_S: a key revoked meanwhile ends
+    the stream with an ``error`` event (401 unauthorized, as a new request would get)."""
     deadline = time.monotonic() + stream_s
+    key_checked = time.monotonic()
     stopping = request.app.state.stopping
     yield f"retry: {EVENTS_RETRY_MS}\n\n"
     sent, state = last_event_id, first
@@ -555,6 +562,17 @@ async def _event_stream(request: Request, store: JobStore, job_id: str, tenant: 
         if read is None:  # deleted since (only a final job can be)
             return
         state, last_read = read, time.monotonic()
+        if key_valid is not None and last_read - key_checked >= EVENTS_KEY_CHECK_S:
+            key_checked = last_read
+            if not await to_thread.run_sync(key_valid):
+                yield _error_frame(Unauthorized(
+                    "the API key of this stream was revoked; reconnect with a valid key"))
+                return
+
+
+def _error_frame(exc: ServiceError) -> str:
+    body = {"error": {"code": exc.code.value, "message": exc.message}}
+    return f"event: error\ndata: {json.dumps(body)}\n\n"
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
@@ -569,7 +587,7 @@ async def _event_stream(request: Request, store: JobStore, job_id: str, tenant: 
     **ERROR_RESPONSES})
 async def lowering_events(
     job_id: str, request: Request, store: StoreDep, settings: SettingsDep,
-    principal: ReadDep,
+    services: ServicesDep, principal: ReadDep,
     wait: Annotated[float | None, Query(
         ge=0, le=MAX_WAIT_QUERY_S, allow_inf_nan=False,
         description="seconds to keep the stream open (capped by LOWERING_MAX_WAIT_S)")] = None,
@@ -580,7 +598,17 @@ async def lowering_events(
         raise unknown_job(job_id)
     stream_s = settings.max_wait_s if wait is None else min(wait, settings.max_wait_s)
     last_event_id = request.headers.get("last-event-id")
+    keys, authorization = services.keys, request.headers.get("authorization")
+
+    def key_valid() -> bool:
+        try:
+            return keys is not None and keys.authenticate(authorization) == principal
+        except Unauthorized:
+            return False
+        except ServiceError:  # the database away: the stream's own reads will tell
+            return True
+
     return StreamingResponse(
         _event_stream(request, store, job_id, principal.tenant, first, last_event_id,
-                      stream_s),
+                      stream_s, key_valid if keys is not None else None),
         media_type="text/event-stream", headers=EVENTS_HEADERS)
