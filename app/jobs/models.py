@@ -106,6 +106,9 @@ lowerings = Table(
     Index("ix_lowerings_artifact", "artifact_sha256", "artifact_expired_at"),
     Index("ix_lowerings_input_sweep", "input_removed_at", "finished_at"),
     Index("ix_lowerings_log_sweep", "log_removed_at", "finished_at"),
+    # The list's order and cursor (0008): (created_at, id), both already public, so a page
+    # boundary tells a tenant nothing about other tenants' jobs (seq's gaps would).
+    Index("ix_lowerings_tenant_created", "tenant", "created_at", "id"),
 )
 
 # Resumable uploads (POST /v1/uploads): a program sent in parts, assembled and gated once,

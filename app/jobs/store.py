@@ -15,11 +15,13 @@ from typing import Any, TypedDict, TypeVar, Unpack, cast
 from sqlalchemy import (
     Connection,
     Engine,
+    and_,
     case,
     create_engine,
     event,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -279,18 +281,22 @@ class JobStore:
         status: str | None = None,
         model_name: str | None = None,
         limit: int = 50,
-        before_seq: int | None = None,
+        before: tuple[dt.datetime, str] | None = None,
         tenant: str | None = None,
     ) -> list[JobRecord]:
-        """Newest first; ``before_seq`` is the paging cursor; only ``tenant``'s jobs if
-        given."""
-        query = _of(select(lowerings).order_by(lowerings.c.seq.desc()).limit(limit), tenant)
+        """Newest first by (created_at, id); ``before`` is the paging cursor, the last
+        row's (created_at, id); only ``tenant``'s jobs if given."""
+        query = _of(select(lowerings).order_by(lowerings.c.created_at.desc(),
+                                               lowerings.c.id.desc()).limit(limit), tenant)
         if status is not None:
             query = query.where(lowerings.c.status == status)
         if model_name is not None:
             query = query.where(lowerings.c.model_name == model_name)
-        if before_seq is not None:
-            query = query.where(lowerings.c.seq < before_seq)
+        if before is not None:
+            at, job_id = before
+            query = query.where(or_(lowerings.c.created_at < at,
+                                    and_(lowerings.c.created_at == at,
+                                         lowerings.c.id < job_id)))
         with self.engine.connect() as conn:
             return [_as_job(row._mapping) for row in conn.execute(query)]
 

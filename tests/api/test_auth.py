@@ -130,6 +130,25 @@ def test_a_key_revoked_while_its_event_stream_is_open_ends_the_stream(
 # -- tenants ----------------------------------------------------------------------------
 
 
+def test_a_list_cursor_is_made_of_the_callers_own_job_alone(auth: AuthApi,
+                                                             linear: Path) -> None:
+    import datetime as dt
+
+    mine, theirs = auth.as_("a"), auth.as_("b")
+    first = submit(mine, linear, model_name="hold_1").json()
+    for n in range(3):  # another tenant's jobs in between: nothing of them may show
+        assert submit(theirs, linear, model_name=f"hold_b{n}").status_code == 202
+    second = submit(mine, linear, model_name="hold_2").json()
+    page = mine.get("/v1/lowerings", params={"limit": 1}).json()
+    assert [job["id"] for job in page["items"]] == [second["id"]]
+    created = dt.datetime.fromisoformat(second["created_at"])
+    micros = (created - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+    assert page["next_cursor"] == f"{micros}.{second['id']}"
+    rest = mine.get("/v1/lowerings", params={"limit": 1, "cursor": page["next_cursor"]}).json()
+    assert [job["id"] for job in rest["items"]] == [first["id"]]
+    assert rest["next_cursor"] is None
+
+
 def _same_shape(mine: Any, unknown: Any, job_id: str, other_id: str) -> None:
     """Another tenant's id answers exactly as an id that never existed."""
     assert mine.status_code == unknown.status_code == 404

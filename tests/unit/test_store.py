@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +58,13 @@ def test_paging_newest_first(store: JobStore) -> None:
     ids = [store.create(**FIELDS)["id"] for _ in range(5)]
     first = store.list_page(limit=2)
     assert [j["id"] for j in first] == ids[::-1][:2]
-    rest = store.list_page(limit=10, before_seq=first[-1]["seq"])
+    rest = store.list_page(limit=10, before=(first[-1]["created_at"], first[-1]["id"]))
     assert [j["id"] for j in rest] == ids[::-1][2:]
     assert store.ids_with_status(statuses=[JobStatus.QUEUED]) == ids
     assert store.delete(ids[0]) and not store.delete(ids[0])
+    # Jobs made in the same microsecond (one submit's targets) page by id, none twice.
+    same = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    tied = sorted((store.create(**FIELDS, created_at=same)["id"] for _ in range(3)),
+                  reverse=True)
+    older = store.list_page(limit=2, before=(same, tied[0]))
+    assert [j["id"] for j in older] == tied[1:]

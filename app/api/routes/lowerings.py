@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import re
@@ -77,7 +78,6 @@ router = APIRouter(prefix="/v1/lowerings", tags=["lowerings"])
 log = logging.getLogger("app.api")
 MULTIPART_OVERHEAD_BYTES = 1 << 20
 POLL_S = 0.2
-MAX_CURSOR = 2**63 - 1  # SQLite's largest integer; nothing larger reaches the database
 MAX_WAIT_QUERY_S = 86_400.0
 JOB_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
@@ -328,15 +328,33 @@ async def list_lowerings(
     status: JobStatus | None = None,
     model_name: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=128)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[int | None, Query(
-        ge=1, le=MAX_CURSOR, description="next_cursor from the previous page")] = None,
+    cursor: Annotated[str | None, Query(
+        pattern=CURSOR_PATTERN, description="next_cursor from the previous page")] = None,
 ) -> dict[str, Any]:
     """The caller's tenant's jobs, newest first, paged by cursor."""
+    before = _cursor_key(cursor) if cursor is not None else None
     rows = await to_thread.run_sync(lambda: store.list_page(
         status=status.value if status else None, model_name=model_name, limit=limit + 1,
-        before_seq=cursor, tenant=principal.tenant))
-    next_cursor = str(rows[limit - 1]["seq"]) if len(rows) > limit else None
+        before=before, tenant=principal.tenant))
+    next_cursor = _cursor(rows[limit - 1]) if len(rows) > limit else None
     return {"items": [_public(job) for job in rows[:limit]], "next_cursor": next_cursor}
+
+
+# A page ends at a job; the cursor names it by what the job already shows (created_at in
+# microseconds since the epoch, and id), never by the global sequence, whose gaps would
+# tell a tenant how many jobs other tenants submitted in between.
+CURSOR_PATTERN = r"^[0-9]{1,17}\.[0-9a-f]{32}$"
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_ONE_US = dt.timedelta(microseconds=1)
+
+
+def _cursor(job: JobRecord) -> str:
+    return f"{(job['created_at'] - _EPOCH) // _ONE_US}.{job['id']}"
+
+
+def _cursor_key(cursor: str) -> tuple[dt.datetime, str]:
+    micros, job_id = cursor.split(".")  # CURSOR_PATTERN: at most 17 digits, before 5138
+    return _EPOCH + int(micros) * _ONE_US, job_id
 
 
 @router.get("/{job_id}", response_model=LoweringPublic, responses=ERROR_RESPONSES)

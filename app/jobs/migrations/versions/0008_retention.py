@@ -1,5 +1,5 @@
 """Retention: when a job's archive was last used, and when its archive, input and log
-were removed (app.jobs.retention).
+were removed (app.jobs.retention); the list's (tenant, created_at, id) index.
 
 Revision ID: 0008
 Revises: 0007
@@ -29,10 +29,13 @@ def upgrade() -> None:
         batch.create_index("ix_lowerings_artifact", ["artifact_sha256", "artifact_expired_at"])
         batch.create_index("ix_lowerings_input_sweep", ["input_removed_at", "finished_at"])
         batch.create_index("ix_lowerings_log_sweep", ["log_removed_at", "finished_at"])
+        # The list pages by (created_at, id), not seq, whose gaps show other tenants' jobs.
+        batch.create_index("ix_lowerings_tenant_created", ["tenant", "created_at", "id"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("lowerings") as batch:
+        batch.drop_index("ix_lowerings_tenant_created")
         batch.drop_index("ix_lowerings_log_sweep")
         batch.drop_index("ix_lowerings_input_sweep")
         batch.drop_index("ix_lowerings_artifact")
