@@ -134,6 +134,9 @@ uploads = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("completed_at", DateTime(timezone=True)),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    # When its complete began (0008): an assembly older than the gate's time and more
+    # is its replica's death; retention puts it back to receiving (complete again).
+    Column("assembling_since", DateTime(timezone=True)),
     _tenant_column(),
     Index("ux_uploads_id", "id", unique=True),
     Index("ix_uploads_sha256", "sha256", "status"),

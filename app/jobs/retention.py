@@ -59,6 +59,9 @@ BATCH = 200
 """Rows (or archives) one step of a sweep handles before it reads again."""
 USE_EVERY_S = 60.0
 """A download records its use at most this often per job (no write per request)."""
+ASSEMBLY_MARGIN_S = 900.0
+"""A resumable upload's complete (joining the parts, then the gate) that has not ended
+LOWERING_GATE_TIMEOUT_S plus this after it began is taken for dead."""
 ORPHANS_EVERY_S = 3600.0
 """How often a replica lists the stored archives to find those no job references (on S3
 a listing of the bucket's archives); only archives older than the job timeout plus this
@@ -109,6 +112,7 @@ class Sweep:
     """Stored archives no job references (a job cancelled between storing its archive
     and its commit, a sweep that died between its update and the delete)."""
     uploads: int = 0
+    uploads_reopened: int = 0
     deliveries: int = 0
     freed_bytes: int = 0
     over_budget_bytes: int = 0
@@ -363,7 +367,11 @@ class Retention:
                                     .where(stamp.is_(None)).values({stamp.name: now})).rowcount)
 
     def remove_uploads(self, sweep: Sweep, *, now: dt.datetime) -> None:
+        """Expired resumable uploads; and completes that outlived the gate's time by
+        ASSEMBLY_MARGIN_S (their replica died) are reopened for the client to retry."""
         records = resumable.UploadRecords(self.engine)
+        sweep.uploads_reopened += records.reopen_stale(began_before=now - dt.timedelta(
+            seconds=self.settings.gate_timeout_s + ASSEMBLY_MARGIN_S))
         while (removed := resumable.sweep(records, self.uploads, now=now)) > 0:
             sweep.uploads += removed
             metrics.record_removal("upload", removed)

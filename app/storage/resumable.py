@@ -78,6 +78,7 @@ class UploadRecord(TypedDict):
     completed_at: dt.datetime | None
     expires_at: dt.datetime
     tenant: str
+    assembling_since: dt.datetime | None
 
 
 def unknown_upload(name: str) -> NotFound:
@@ -117,7 +118,7 @@ def check_part_number(upload: UploadRecord, number: int) -> None:
 
 def _as_upload(mapping: Any) -> UploadRecord:
     row = dict(mapping)
-    for key in ("created_at", "completed_at", "expires_at"):
+    for key in ("created_at", "completed_at", "expires_at", "assembling_since"):
         if row.get(key) is not None and row[key].tzinfo is None:  # SQLite: naive, UTC
             row[key] = row[key].replace(tzinfo=dt.UTC)
     return cast(UploadRecord, row)
@@ -188,6 +189,19 @@ class UploadRecords:
 
     @_as_service_errors
     @retry_busy
+    def reopen_stale(self, *, began_before: dt.datetime) -> int:
+        """Uploads whose complete began before ``began_before`` and never ended (the
+        replica doing it died) go back to ``receiving``: the client's next complete does
+        it again (and GET shows any part to send again). Returns how many."""
+        query = (update(uploads_table)
+                 .where(uploads_table.c.status == UploadStatus.ASSEMBLING.value)
+                 .where(uploads_table.c.assembling_since < began_before)
+                 .values(status=UploadStatus.RECEIVING.value, assembling_since=None))
+        with self.engine.begin() as conn:
+            return int(conn.execute(query).rowcount)
+
+    @_as_service_errors
+    @retry_busy
     def touch(self, upload_id: str, *, expires_at: dt.datetime) -> None:
         """A ready upload just used is kept a TTL from now."""
         with self.engine.begin() as conn:
@@ -245,7 +259,7 @@ async def assemble_and_gate(upload: UploadRecord, *, records: UploadRecords,
                                               upload["multipart_id"], numbers, assembled)
         except BaseException:
             records.transition(upload_id, from_=UploadStatus.ASSEMBLING,
-                               to=UploadStatus.RECEIVING)
+                               to=UploadStatus.RECEIVING, assembling_since=None)
             raise
         try:
             report = await _check(upload, assembled, staged, sha256, settings)

@@ -280,3 +280,29 @@ def test_two_completes_at_once_assemble_once(api: Api, linear: bytes) -> None:
             assert response.json()["error"]["code"] == "upload_closed"
     assert len(list((api.settings.uploads_dir / ".kept").iterdir())) == 1
     assert api.client.get(f"/v1/uploads/{upload['id']}").json()["status"] == "ready"
+
+
+def test_a_complete_whose_replica_died_is_reopened_by_the_sweep(api: Api,
+                                                                 linear: bytes) -> None:
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from app.jobs.models import uploads
+    from app.jobs.store import utcnow
+
+    upload = _send_all(api, linear)
+    url = f"/v1/uploads/{upload['id']}"
+    # A replica took the complete a minute ago and died in it: the row says assembling.
+    with api.services.store.engine.begin() as conn:
+        conn.execute(update(uploads).where(uploads.c.id == upload["id"]).values(
+            status="assembling", assembling_since=utcnow() - dt.timedelta(minutes=1)))
+    _error(api.client.post(f"{url}/complete"), 409, "upload_closed")
+    assert api.services.janitor.retention.sweep().uploads_reopened == 0  # within the gate's time
+
+    later = utcnow() + dt.timedelta(seconds=api.settings.gate_timeout_s + 900)
+    assert api.services.janitor.retention.sweep(now=later).uploads_reopened == 1
+    assert api.client.get(url).json()["status"] == "receiving"
+    done = api.client.post(f"{url}/complete")
+    assert done.status_code == 200, done.text
+    assert done.json()["status"] == "ready"

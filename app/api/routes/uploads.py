@@ -233,8 +233,10 @@ async def complete_upload(upload_id: str, settings: SettingsDep, records: Record
                 f"part is {upload['part_size_bytes']} bytes but the last, which is the rest); "
                 "send them again, then complete again", code=ApiErrorCode.INVALID_PART)
         if not records.transition(upload_id, from_=UploadStatus.RECEIVING,
-                                  to=UploadStatus.ASSEMBLING):
-            raise Conflict(f"upload {upload_id} is already being completed",
+                                  to=UploadStatus.ASSEMBLING, assembling_since=utcnow()):
+            raise Conflict(f"upload {upload_id} is already being completed; GET it to see "
+                           "when it is ready (a complete cut short by a replica's death is "
+                           "reopened within LOWERING_GATE_TIMEOUT_S plus 15 min)",
                            code=ApiErrorCode.UPLOAD_CLOSED)
         return upload
 

@@ -1,5 +1,6 @@
 """Retention: when a job's archive was last used, and when its archive, input and log
-were removed (app.jobs.retention); the list's (tenant, created_at, id) index.
+were removed (app.jobs.retention); the list's (tenant, created_at, id) index; when an
+upload's assembly began.
 
 Revision ID: 0008
 Revises: 0007
@@ -31,9 +32,14 @@ def upgrade() -> None:
         batch.create_index("ix_lowerings_log_sweep", ["log_removed_at", "finished_at"])
         # The list pages by (created_at, id), not seq, whose gaps show other tenants' jobs.
         batch.create_index("ix_lowerings_tenant_created", ["tenant", "created_at", "id"])
+    with op.batch_alter_table("uploads") as batch:
+        batch.add_column(sa.Column("assembling_since", sa.DateTime(timezone=True),
+                                   nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("uploads") as batch:
+        batch.drop_column("assembling_since")
     with op.batch_alter_table("lowerings") as batch:
         batch.drop_index("ix_lowerings_tenant_created")
         batch.drop_index("ix_lowerings_log_sweep")
