@@ -8,6 +8,8 @@ import pickle
 import socket
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +105,19 @@ def readyz_saying(client: httpx.Client, needle: str, *, timeout_s: float) -> htt
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.2)
+
+
+@contextmanager
+def job_database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty job database: ``sqlite`` (a file in ``tmp_path``) or
+    ``postgresql`` (a fresh database, dropped afterwards; a skip when it is down)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+        return
+    from tests.integration.conftest import fresh_pg_database
+
+    with fresh_pg_database() as url:
+        yield url
 
 
 def migrated_store(url: str) -> JobStore:

@@ -5,7 +5,6 @@ the races with cache hits, workers and other replicas."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import io
 import threading
@@ -26,8 +25,7 @@ from app.jobs.store import JobFields, JobRecord, utcnow
 from app.settings import Settings
 from app.storage.artifacts import LocalArtifactStore
 from app.storage.files import LocalLogStore, LocalUploadStore
-from tests.factories import migrated_store
-from tests.integration.conftest import fresh_pg_database
+from tests.factories import job_database, migrated_store
 
 DAY = dt.timedelta(days=1)
 TOOLCHAIN = {"torch_version": "2.13.0", "cpu_isa": "AVX512", "compiler": "g++ 12"}
@@ -93,14 +91,10 @@ class World:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    with contextlib.ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        else:  # skips when PostgreSQL is not reachable; dropped after the test
-            url = stack.enter_context(fresh_pg_database())
+    with job_database(request.param, tmp_path) as url:
         made = World(url, tmp_path)
-        stack.callback(made.store.close)
         yield made
+        made.store.close()
 
 
 def test_an_unused_archive_expires_after_its_ttl_and_no_submit_is_served_it(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Iterator
@@ -12,8 +11,7 @@ import pytest
 
 from app.constants import JobStatus
 from app.jobs.store import JobStore
-from tests.factories import migrated_store
-from tests.integration.conftest import fresh_pg_database
+from tests.factories import job_database, migrated_store
 
 FIELDS = {"model_name": "m", "backend_id": "aoti", "device": "cpu", "options": {},
           "verify": True, "rtol": 1e-4, "atol": 1e-4, "input_sha256": "0" * 64,
@@ -21,14 +19,10 @@ FIELDS = {"model_name": "m", "backend_id": "aoti", "device": "cpu", "options": {
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    with contextlib.ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        else:  # skips when PostgreSQL is not reachable; dropped after the test
-            url = stack.enter_context(fresh_pg_database())
+    with job_database(request.param, tmp_path) as url:
         job_store = migrated_store(url)
-        stack.callback(job_store.close)
         yield job_store
+        job_store.close()
 
 
 def test_create_and_get(store: JobStore) -> None:
