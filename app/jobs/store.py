@@ -80,7 +80,6 @@ class JobFields(TypedDict, total=False):
     finished_at: dt.datetime | None
     callback_url: str | None
     tenant: str
-    last_used_at: dt.datetime | None
 
 
 class JobRecord(TypedDict):
