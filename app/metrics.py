@@ -334,14 +334,41 @@ def directory_collector(directory: Path | str) -> Collector:
     return registry
 
 
-def exposition(store: JobStore | None = None) -> bytes:
+class StorageCollector:
+    """What is stored, as this replica's latest retention sweep measured it (from the job
+    database, so the same on every replica: aggregate with max).
+
+    :param measured: returns (bytes by kind: archives, inputs, uploads; the budget), or
+        None before the first sweep measured anything.
+    """
+
+    def __init__(self, measured: Callable[[], tuple[dict[str, int], int | None] | None]) -> None:
+        self.measured = measured
+
+    def collect(self) -> Iterator[Metric]:
+        reading = self.measured()
+        if reading is None:
+            return
+        stored, budget = reading
+        gauge = GaugeMetricFamily("lowering_storage_bytes", "Bytes stored, by kind: archives "
+                                  "(each once), inputs of jobs, resumable uploads; measured "
+                                  "at the latest retention sweep", labels=["kind"])
+        for kind, size in stored.items():
+            gauge.add_metric([kind], size)
+        yield gauge
+        if budget is not None:
+            yield GaugeMetricFamily("lowering_storage_budget_bytes",
+                                    "LOWERING_STORAGE_BUDGET_BYTES", value=budget)
+
+
+def exposition(store: JobStore | None = None, *extra: Collector) -> bytes:
     """What /metrics answers: this process's counts (or, with PROMETHEUS_MULTIPROC_DIR,
-    those of every process writing there) and the job database's state."""
+    those of every process writing there), the job database's state, and ``extra``."""
     _metrics()  # the zero series exist before the first event
     directory = os.environ.get(MULTIPROC_ENV)
     events: Collector = directory_collector(directory) if directory else REGISTRY
     collectors = [events] + ([JobStateCollector(store)] if store is not None else [])
-    return generate_latest(_Joined(collectors))
+    return generate_latest(_Joined([*collectors, *extra]))
 
 
 # -- worker hosts: one directory per process set ------------------------------------------

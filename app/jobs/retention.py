@@ -29,6 +29,7 @@ job still says what it was, and its archive answers 410 artifact_expired with th
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import logging
@@ -118,9 +119,13 @@ class Sweep:
     over_budget_bytes: int = 0
     """What the budget could not free: everything left was live or too recently used."""
     errors: list[str] = field(default_factory=list)
+    stored: Usage | None = None
+    """What is stored after the sweep (None if it could not be read)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "at": self.at.isoformat()}
+        fields = asdict(self)
+        fields.pop("stored")
+        return {**fields, "at": self.at.isoformat()}
 
 
 @dataclass(frozen=True)
@@ -405,6 +410,8 @@ class Retention:
                 message = exc.message if isinstance(exc, ServiceError) else str(exc)
                 sweep.errors.append(f"{name}: {message}")
                 log.warning("retention: %s failed, the next sweep retries: %s", name, message)
+        with contextlib.suppress(ServiceError):
+            sweep.stored = self.usage(now=now)
         return sweep
 
     def describe(self) -> dict[str, Any]:
@@ -449,6 +456,14 @@ class Janitor:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="retention", daemon=True)
         self._thread.start()
+
+    def measured(self) -> tuple[dict[str, int], int | None] | None:
+        """What the latest sweep found stored, for /metrics (StorageCollector)."""
+        stored = self.last.stored if self.last is not None else None
+        if stored is None:
+            return None
+        return ({"archives": stored.archive_bytes, "inputs": stored.input_bytes,
+                 "uploads": stored.upload_bytes}, self.retention.settings.storage_budget_bytes)
 
     def stop(self) -> None:
         self._stop.set()

@@ -123,3 +123,15 @@ def test_info_shows_a_tenant_its_own_usage_and_only_admins_the_services(
     admin = auth.as_("b").get("/v1/info").json()["usage"]
     assert admin["tenant"]["name"] == "globex" and "total_bytes" in admin["service"]
     assert auth.as_("revoked").get("/v1/info").status_code == 401
+
+
+def test_metrics_show_what_the_latest_sweep_found_stored(make_api: Callable[..., Api],
+                                                         linear: Path) -> None:
+    api = make_api(storage_budget_bytes=10**9)
+    _lowered(api, linear)
+    api.services.janitor.last = api.services.janitor.retention.sweep()
+    text = api.client.get("/metrics").text
+    assert f'lowering_storage_bytes{{kind="archives"}} {float(len(b"archive of m"))}' in text
+    assert f'lowering_storage_bytes{{kind="inputs"}} {float(linear.stat().st_size)}' in text
+    assert 'lowering_storage_bytes{kind="uploads"} 0.0' in text
+    assert "lowering_storage_budget_bytes 1e+09" in text

@@ -12,15 +12,17 @@ from anyio import to_thread
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from app.api.deps import AdminDep, StoreDep
-from app.metrics import CONTENT_TYPE, exposition
+from app.api.deps import AdminDep, ServicesDep, StoreDep
+from app.metrics import CONTENT_TYPE, StorageCollector, exposition
 
 router = APIRouter(tags=["metrics"])
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(store: StoreDep, principal: AdminDep) -> Response:
-    """This process's counters and histograms, and the job database's queue and running
-    gauges (the same on every replica: aggregate those with max)."""
-    body = await to_thread.run_sync(exposition, store)
+async def metrics(store: StoreDep, services: ServicesDep, principal: AdminDep) -> Response:
+    """This process's counters and histograms, and the job database's queue, running and
+    storage gauges (the same on every replica: aggregate those with max)."""
+    janitor = services.janitor
+    extra = [StorageCollector(janitor.measured)] if janitor is not None else []
+    body = await to_thread.run_sync(exposition, store, *extra)
     return Response(body, media_type=CONTENT_TYPE)
