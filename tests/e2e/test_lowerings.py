@@ -26,7 +26,8 @@ def test_wait_returns_the_archive(linear: dict[str, Any]) -> None:
     assert response.headers["etag"] == f'"{digest}"'
     assert job["status"] == "succeeded"
     assert job["artifact"] == {"sha256": digest, "size_bytes": len(linear["archive"]),
-                               "url": f"/v1/lowerings/{job['id']}/artifact"}
+                               "url": f"/v1/lowerings/{job['id']}/artifact",
+                               "expired_at": None, "expired_reason": None}
 
 
 def test_archive_layout_and_provenance(linear: dict[str, Any]) -> None:
