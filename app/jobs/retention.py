@@ -327,32 +327,34 @@ class Retention:
 
     def remove_inputs(self, sweep: Sweep, *, now: dt.datetime) -> None:
         """Inputs of jobs that ended LOWERING_INPUT_TTL_S ago (never an active job's)."""
-        ended_before = now - dt.timedelta(seconds=self.settings.input_ttl_s)
-        while rows := self._ended(lowerings.c.input_removed_at, ended_before):
-            for job_id, _size in rows:
-                self.uploads.remove(job_id)
-            done = self._stamp(lowerings.c.input_removed_at, [job_id for job_id, _ in rows],
-                               now)
-            sweep.inputs += done
-            sweep.freed_bytes += sum(size for _, size in rows)
-            metrics.record_removal("input", len(rows))
-            if len(rows) < BATCH:
-                return
+        count, size = self._remove_ended(lowerings.c.input_removed_at, self.uploads.remove,
+                                         kind="input", ttl_s=self.settings.input_ttl_s,
+                                         now=now)
+        sweep.inputs += count
+        sweep.freed_bytes += size
 
     def remove_logs(self, sweep: Sweep, *, now: dt.datetime) -> None:
         """Logs of jobs that ended LOWERING_LOG_TTL_S ago."""
-        ttl = self.settings.log_ttl_s
-        if ttl is None:
-            return
-        ended_before = now - dt.timedelta(seconds=ttl)
-        while rows := self._ended(lowerings.c.log_removed_at, ended_before):
-            for job_id, _size in rows:
-                self.logs.remove(job_id)
-            sweep.logs += self._stamp(lowerings.c.log_removed_at,
-                                      [job_id for job_id, _ in rows], now)
-            metrics.record_removal("log", len(rows))
+        if self.settings.log_ttl_s is not None:
+            sweep.logs += self._remove_ended(lowerings.c.log_removed_at, self.logs.remove,
+                                             kind="log", ttl_s=self.settings.log_ttl_s,
+                                             now=now)[0]
+
+    def _remove_ended(self, stamp: Any, remove: Callable[[str], None], *, kind: str,
+                      ttl_s: float, now: dt.datetime) -> tuple[int, int]:
+        """``remove`` the file of every finished job that ended ``ttl_s`` ago and has no
+        ``stamp`` yet, then stamp it; returns how many, and their inputs' bytes."""
+        ended_before = now - dt.timedelta(seconds=ttl_s)
+        count = size = 0
+        while rows := self._ended(stamp, ended_before):
+            for job_id, _ in rows:
+                remove(job_id)
+            count += self._stamp(stamp, [job_id for job_id, _ in rows], now)
+            size += sum(input_bytes for _, input_bytes in rows)
+            metrics.record_removal(kind, len(rows))
             if len(rows) < BATCH:
-                return
+                break
+        return count, size
 
     @_as_service_errors
     def _ended(self, stamp: Any, ended_before: dt.datetime) -> list[tuple[str, int]]:
