@@ -45,7 +45,7 @@ from app.constants import JobStatus
 from app.errors import ServiceError
 from app.jobs.models import lowerings, webhook_deliveries
 from app.jobs.models import uploads as uploads_table
-from app.jobs.store import JobStore, _as_service_errors, retry_busy, utcnow
+from app.jobs.store import JobRecord, JobStore, _as_service_errors, retry_busy, utcnow
 from app.settings import Settings
 from app.storage import resumable
 from app.storage.base import ArtifactStore, LogStore, UploadStore
@@ -430,19 +430,22 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
-def mark_used(store: JobStore, job_id: str, *, now: dt.datetime | None = None) -> None:
+def mark_used(store: JobStore, job: JobRecord, *, now: dt.datetime | None = None) -> None:
     """Record a download of the job's archive as its archive's latest use (at most once a
-    USE_EVERY_S per job); bookkeeping, so a failure is logged, never raised."""
+    USE_EVERY_S per job: a job read with a recent use costs no write); bookkeeping, so a
+    failure is logged, never raised."""
     now = now or utcnow()
     recent = now - dt.timedelta(seconds=USE_EVERY_S)
-    stale = case((lowerings.c.last_used_at.is_(None), True),
+    if job["last_used_at"] is not None and job["last_used_at"] >= recent:
+        return
+    stale = case((lowerings.c.last_used_at.is_(None), True),  # another replica's, meanwhile
                  else_=lowerings.c.last_used_at < recent)
     try:
         with store.engine.begin() as conn:
-            conn.execute(update(lowerings).where(lowerings.c.id == job_id).where(stale)
+            conn.execute(update(lowerings).where(lowerings.c.id == job["id"]).where(stale)
                          .values(last_used_at=now))
     except Exception as exc:
-        log.warning("could not record the use of %s's archive: %s", job_id, exc)
+        log.warning("could not record the use of %s's archive: %s", job["id"], exc)
 
 
 class Janitor:

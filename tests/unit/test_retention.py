@@ -121,7 +121,7 @@ def test_an_unused_archive_expires_after_its_ttl_and_no_submit_is_served_it(
 def test_a_download_or_a_cache_hit_is_a_use_that_restarts_the_ttl(world: World) -> None:
     first = world.lowered("m", b"archive m")
     rules = world.retention(artifact_ttl_s=30 * 86_400)
-    mark_used(world.store, first["id"], now=utcnow() + 20 * DAY)  # downloaded on day 20
+    mark_used(world.store, first, now=utcnow() + 20 * DAY)  # downloaded on day 20
     assert rules.sweep(now=utcnow() + 31 * DAY).archives_ttl == 0
 
     hit = world.submit("m")  # a cache hit: a second job holding the same archive
@@ -153,7 +153,7 @@ def test_the_budget_evicts_least_recently_used_first_and_spares_recent_ones(
     now = utcnow()
     jobs = [world.lowered(name, name.encode() * 100) for name in ("old", "mid", "new", "hot")]
     for job, age_days in zip(jobs, (40, 30, 20, 0), strict=True):
-        mark_used(world.store, job["id"], now=now - age_days * DAY)
+        mark_used(world.store, job, now=now - age_days * DAY)
     usage = world.retention().usage()
     assert (usage.archives, usage.archive_bytes) == (4, 300 + 300 + 300 + 300)
     # Over by one archive and a bit: down to 90% takes two, oldest first.

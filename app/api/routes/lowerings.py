@@ -378,7 +378,7 @@ async def get_artifact(
     _check_not_expired(job, settings)
     # Its use keeps the archive from expiring or eviction; recorded before the archive is
     # checked, so a sweep that comes after sees it and one that came first is seen below.
-    await to_thread.run_sync(lambda: mark_used(store, job_id))
+    await to_thread.run_sync(lambda: mark_used(store, job))
     try:
         return await _artifact_response(job, artifacts, request)
     except ArtifactCorrupt:
